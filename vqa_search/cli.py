@@ -1,0 +1,154 @@
+"""The `vqa-search` command line: parses arguments, calls the library, prints the result.
+
+User mistakes (bad paths, missing index, offline weights) print one line on stderr and exit with 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vqa_search.errors import UserError
+from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    help="Search photo collections by meaning: CLIP embeddings in FAISS, from the command line.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _user_errors(command):
+    """One clear line instead of a traceback for anything the user can fix."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    # open_clip warns on the root logger about random weights; our own warnings are what users need.
+    logging.getLogger().setLevel(logging.ERROR)
+    ours = logging.getLogger("vqa_search")
+    ours.propagate = False
+    ours.setLevel(logging.ERROR if quiet else logging.INFO)
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+        handler.addFilter(_lowercase_level)
+        ours.addHandler(handler)
+
+
+def _lowercase_level(record: logging.LogRecord) -> bool:
+    record.levelname_lower = record.levelname.lower()
+    return True
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@app.command()
+@_user_errors
+def index(
+    dataset: Path = typer.Argument(..., help="Folder of images, e.g. a Flickr8k download (captions found automatically)."),
+    out: Optional[Path] = typer.Option(None, help="Index directory. Default: DATASET/.vqa-search"),
+    model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name."),
+    pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="open_clip pretrained tag, a checkpoint file, or 'none'."),
+    captions: Optional[Path] = typer.Option(None, help="Caption file (captions.txt, Flickr8k.token.txt, dataset_*.json)."),
+    images: Optional[Path] = typer.Option(None, help="Images folder, when not DATASET/Images or DATASET itself."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search below 200k vectors)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Embed a folder of images and its captions; run again to update it incrementally.
+
+    Example: vqa-search index ./flickr8k
+    """
+    from vqa_search.indexer.build import BuildConfig, build_index
+    from vqa_search.indexer.image_stream import default_workers
+
+    _setup_logging(quiet)
+    config = BuildConfig(
+        model=model, pretrained=pretrained, out=out, captions=captions, images=images, batch_size=batch_size,
+        workers=default_workers() if workers is None else workers, index_type=index_type, progress=not quiet,
+    )
+    report = build_index(dataset, config)
+    if as_json:
+        _print_json(report.to_json())
+    elif not quiet:
+        typer.echo(report.summary(), err=True)
+
+
+@app.command()
+@_user_errors
+def query(
+    text: Optional[str] = typer.Argument(None, help="What to look for, e.g. \"dog on beach\"."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index directory. Default: found from here upwards."),
+    k: int = typer.Option(10, "-k", "--k", help="Number of results."),
+    image: Optional[Path] = typer.Option(None, help="Query with an image instead of text."),
+    target: str = typer.Option("images", help="images | captions: what to return."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists to visit (default: the index's own)."),
+    model: Optional[str] = typer.Option(None, help="Refuse unless the index was built with this model."),
+    pretrained: Optional[str] = typer.Option(None, help="Refuse unless the index was built with these weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    sheet: Optional[Path] = typer.Option(None, help="Also draw a contact sheet of the results (PNG/JPG)."),
+) -> None:
+    """Find images (or captions) by text or by example image.
+
+    Examples: vqa-search query "dog on beach" -k 5 | vqa-search query --image me.jpg --target captions
+    """
+    from vqa_search.retrieval.render import results_table, write_result_sheet
+    from vqa_search.retrieval.searcher import Index
+
+    _setup_logging()
+    searcher = Index.open(index_dir, model=model, pretrained=pretrained)
+    result = searcher.search(text=text, image=image, k=k, target=target, nprobe=nprobe)
+    if sheet:
+        write_result_sheet(searcher, result, sheet)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        typer.echo(results_table(result))
+
+
+@app.command()
+@_user_errors
+def export(
+    index_dir: Path = typer.Argument(..., metavar="DIR", help="Index directory (or the dataset folder holding it)."),
+    out: Path = typer.Option(..., help="Output file: .npz or .parquet"),
+) -> None:
+    """Write an index's vectors and metadata to one .npz or .parquet file.
+
+    Example: vqa-search export ./flickr8k --out flickr8k-vectors.parquet
+    """
+    from vqa_search.indexer.export import export_vectors
+    from vqa_search.retrieval.searcher import Index
+
+    written = export_vectors(Index.open(index_dir), out)
+    typer.echo(f"wrote {written}", err=True)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,1 @@
+"""Indexing: dataset reader -> image/caption encoders -> shard writer -> committed index directory."""

@@ -1,0 +1,287 @@
+"""Build or update an index: dataset reader -> encoders -> shard writer -> commit.
+
+Incremental by construction: every embedding ever computed with the same weights is looked up by
+file state (path, size, mtime), then by content hash, then by caption text, before the model is
+even loaded. An unchanged folder therefore costs a directory scan and a few stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from vqa_search import __version__
+from vqa_search.encode import encode_image_batch, encode_texts
+from vqa_search.errors import UserError
+from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Dataset, read_dataset
+from vqa_search.indexer.image_stream import decoded_batches, default_workers
+from vqa_search.indexer.store import (
+    CAPTIONS_SCHEMA,
+    DEFAULT_DIR_NAME,
+    FORMAT_VERSION,
+    IMAGES_SCHEMA,
+    EmbeddingCache,
+    FileState,
+    ImageRecord,
+    IndexDir,
+)
+from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity, sha256_file
+from vqa_search.retrieval.faiss_index import build_faiss, choose_spec
+
+log = logging.getLogger("vqa_search")
+
+
+@dataclass
+class BuildConfig:
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    out: Path | None = None  # default: DATASET/.vqa-search
+    captions: Path | None = None
+    images: Path | None = None
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    index_type: str = "auto"
+    rows_per_shard: int = 1024
+    progress: bool = True
+
+
+@dataclass
+class BuildReport:
+    index_dir: Path
+    images: int
+    captions: int
+    embedded_images: int
+    embedded_captions: int
+    skipped: list[dict]
+    up_to_date: bool
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "index_dir": str(self.index_dir)}
+
+    def summary(self) -> str:
+        if self.up_to_date:
+            head = f"index at {self.index_dir} is up to date: {self.images} images, {self.captions} captions"
+        else:
+            head = (
+                f"indexed {self.images} images ({self.embedded_images} embedded now) and {self.captions} captions "
+                f"({self.embedded_captions} embedded now) into {self.index_dir}"
+            )
+        lines = [f"{head} in {self.seconds:.1f} s"]
+        if self.skipped:
+            examples = "; ".join(f"{s['path']}: {s['reason']}" for s in self.skipped[:3])
+            more = f"; and {len(self.skipped) - 3} more (see manifest.json)" if len(self.skipped) > 3 else ""
+            lines.append(f"skipped {len(self.skipped)} files: {examples}{more}")
+        return "\n".join(lines)
+
+
+def build_index(dataset: Path | str, config: BuildConfig = BuildConfig()) -> BuildReport:
+    started = time.perf_counter()
+    data = read_dataset(dataset, captions=config.captions, images=config.images)
+    if not data.images:
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise UserError(f"no images in {data.images_dir} (looked for {extensions}, in subfolders too)")
+    if config.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    _warn_missing(data)
+    index_dir = IndexDir(config.out or Path(dataset) / DEFAULT_DIR_NAME)
+    identity = resolve_identity(config.model, config.pretrained)
+    with index_dir.lock():
+        builder = _Builder(data, index_dir, identity, config)
+        report = builder.run()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+class _Builder:
+    def __init__(self, data: Dataset, index_dir: IndexDir, identity: ModelIdentity, config: BuildConfig):
+        self.data = data
+        self.index_dir = index_dir
+        self.identity = identity
+        self.config = config
+        self.cache: EmbeddingCache = index_dir.load_cache(identity)
+        self._clip: Clip | None = None
+
+    @property
+    def clip(self) -> Clip:
+        """Loaded only when something needs embedding: an unchanged folder never pays for it."""
+        if self._clip is None:
+            self._clip = load_clip(self.identity)
+        return self._clip
+
+    def run(self) -> BuildReport:
+        records, embedded_images = self._image_records()
+        indexed = [r for r in records if r.reason is None]
+        skipped = [_skipped_entry(r) for r in records if r.reason is not None]
+        if not indexed:
+            first = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+            raise UserError(f"no readable image in {self.data.images_dir}: {len(skipped)} files skipped{first}")
+        image_id = {r.state.path: i for i, r in enumerate(indexed)}
+        captions = [c for c in self.data.captions if c.image in image_id]
+        caption_vectors, embedded_captions = self._caption_vectors([c.text for c in captions])
+
+        split_of = {path: split for split, paths in self.data.splits.items() for path in paths}
+        images_table = pa.Table.from_pylist(
+            [
+                {"id": i, "path": r.state.path, "bytes": r.state.bytes, "mtime_ns": r.state.mtime_ns,
+                 "sha256": r.sha256, "width": r.width, "height": r.height}
+                for i, r in enumerate(indexed)
+            ],
+            schema=IMAGES_SCHEMA,
+        ).append_column("split", pa.array([split_of.get(r.state.path) for r in indexed], pa.string()))
+        captions_table = pa.Table.from_pylist(
+            [{"id": j, "image_id": image_id[c.image], "text": c.text} for j, c in enumerate(captions)],
+            schema=CAPTIONS_SCHEMA,
+        )
+        report = BuildReport(self.index_dir.path, len(indexed), len(captions), embedded_images,
+                             embedded_captions, skipped, up_to_date=False, seconds=0.0)
+        if self._unchanged(images_table, captions_table, skipped):
+            report.up_to_date = True
+            return report
+
+        image_vectors = np.stack([r.embedding for r in indexed]).astype(np.float32)
+        image_spec = choose_spec(len(indexed), self.config.index_type)
+        files = {
+            "images.parquet": images_table,
+            "captions.parquet": captions_table,
+            "image_embeddings.npy": image_vectors,
+            "images.faiss": build_faiss(image_vectors, image_spec),
+        }
+        index_specs = {"images": image_spec.to_json(), "captions": None}
+        if len(captions):
+            caption_spec = choose_spec(len(captions), self.config.index_type)
+            files["caption_embeddings.npy"] = caption_vectors
+            files["captions.faiss"] = build_faiss(caption_vectors, caption_spec)
+            index_specs["captions"] = caption_spec.to_json()
+        else:
+            files["caption_embeddings.npy"] = np.zeros((0, image_vectors.shape[1]), np.float32)
+        self.index_dir.commit(files, self._manifest(image_vectors.shape[1], len(indexed), len(captions),
+                                                    index_specs, skipped))
+        return report
+
+    def _image_records(self) -> tuple[list[ImageRecord], int]:
+        """One record per file on disk, embedding reused where possible, else computed now."""
+        records: dict[str, ImageRecord] = {}
+        to_embed: list[ImageRecord] = []
+        for path in self.data.images:
+            stat = (self.data.images_dir / path).stat()
+            state = FileState(path, stat.st_size, stat.st_mtime_ns)
+            known = self.cache.by_state.get(state)
+            if known is not None:
+                records[path] = known
+                continue
+            sha = sha256_file(self.data.images_dir / path)
+            same_content = self.cache.by_sha256.get(sha)
+            if same_content is not None:  # touched or moved, not changed
+                records[path] = ImageRecord(state, sha, same_content.width, same_content.height, None,
+                                            same_content.embedding)
+            else:
+                to_embed.append(ImageRecord(state, sha))
+        for record in self._embed_images(to_embed):
+            records[record.state.path] = record
+        return [records[path] for path in self.data.images], len(to_embed)
+
+    def _embed_images(self, pending: list[ImageRecord]) -> list[ImageRecord]:
+        if not pending:
+            return []
+        clip = self.clip
+        writer = self.index_dir.shard_writer("images", self.identity, rows_per_shard=self.config.rows_per_shard)
+        done: list[ImageRecord] = []
+        bar = tqdm(total=len(pending), unit="img", desc="images", disable=not self.config.progress, smoothing=0.1)
+        try:
+            for batch in decoded_batches(self.data.images_dir, pending, clip.preprocess,
+                                         self.config.batch_size, self.config.workers):
+                vectors = iter(encode_image_batch(clip, batch.pixels) if batch.pixels is not None else ())
+                for record in batch.records:
+                    if record.reason is None:
+                        record.embedding = next(vectors)
+                    writer.add(_shard_row(record), record.embedding)
+                    done.append(record)
+                bar.update(len(batch.records))
+        finally:
+            writer.flush()  # on Ctrl-C too: what was embedded is kept for the next run
+            bar.close()
+        return done
+
+    def _caption_vectors(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache.by_text))
+        if new:
+            clip = self.clip
+            writer = self.index_dir.shard_writer("captions", self.identity, rows_per_shard=self.config.rows_per_shard)
+            chunk = self.config.rows_per_shard
+            bar = tqdm(total=len(new), unit="cap", desc="captions", disable=not self.config.progress)
+            try:
+                for start in range(0, len(new), chunk):
+                    part = new[start : start + chunk]
+                    vectors = encode_texts(clip, part, on_batch=bar.update)
+                    for text, vector in zip(part, vectors):
+                        self.cache.by_text[text] = vector
+                        writer.add({"text": text}, vector)
+            finally:
+                writer.flush()
+                bar.close()
+        if not texts:
+            return np.zeros((0, 0), np.float32), 0
+        return np.stack([self.cache.by_text[t] for t in texts]).astype(np.float32), len(new)
+
+    def _unchanged(self, images: pa.Table, captions: pa.Table, skipped: list[dict]) -> bool:
+        if not self.index_dir.exists():
+            return False
+        manifest = self.index_dir.read_manifest()
+        if not self.identity.same_weights(ModelIdentity.from_json(manifest["model"])):
+            return False
+        if manifest["index"]["requested"] != self.config.index_type or manifest["skipped"] != skipped:
+            return False
+        gen = self.index_dir.generation(manifest["generation"])
+        return pq.read_table(gen / "images.parquet").equals(images) and pq.read_table(
+            gen / "captions.parquet"
+        ).equals(captions)
+
+    def _manifest(self, dim: int, n_images: int, n_captions: int, index_specs: dict, skipped: list[dict]) -> dict:
+        root = self.index_dir.path
+        return {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "vqa_search_version": __version__,
+            "model": self.identity.to_json(),
+            "dim": dim,
+            "dataset": {
+                "images_dir": _relative(self.data.images_dir, root),
+                "caption_file": _relative(self.data.caption_source, root) if self.data.caption_source else None,
+            },
+            "counts": {"images": n_images, "captions": n_captions, "skipped": len(skipped)},
+            "index": {"requested": self.config.index_type, **index_specs},
+            "skipped": skipped,
+        }
+
+
+def _shard_row(record: ImageRecord) -> dict:
+    return {"path": record.state.path, "bytes": record.state.bytes, "mtime_ns": record.state.mtime_ns,
+            "sha256": record.sha256, "width": record.width, "height": record.height, "reason": record.reason}
+
+
+def _skipped_entry(record: ImageRecord) -> dict:
+    return {"path": record.state.path, "reason": record.reason, "bytes": record.state.bytes,
+            "mtime_ns": record.state.mtime_ns, "sha256": record.sha256}
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), start.resolve())).as_posix()
+
+
+def _warn_missing(data: Dataset) -> None:
+    if data.missing_images:
+        log.warning(
+            "%d images named in %s are not on disk (%d of their captions left out); indexing the %d that are",
+            data.missing_images, data.caption_source.name if data.caption_source else "the split files",
+            data.missing_captions, len(data.images),
+        )

@@ -1,0 +1,63 @@
+"""Decode and preprocess images in worker processes while the model embeds the previous batch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.indexer.store import ImageRecord
+
+
+def default_workers() -> int:
+    """Leave one core to the model: on 2 cores one decoder keeps ViT-B-32 fed."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class DecodedBatch:
+    records: list[ImageRecord]  # every file of the batch, skipped ones with a reason
+    pixels: torch.Tensor | None  # one row per record without a reason, in order
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, images_dir: Path, records: Sequence[ImageRecord], preprocess: Callable):
+        self.images_dir = images_dir
+        self.records = records
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        record = self.records[i]
+        try:
+            loaded = load_rgb(self.images_dir / record.state.path)
+        except ImageSkipped as skipped:
+            return replace(record, reason=str(skipped)), None
+        return replace(record, width=loaded.width, height=loaded.height), self.preprocess(loaded.image)
+
+
+def _collate(items) -> DecodedBatch:
+    records = [record for record, _ in items]
+    pixels = [tensor for _, tensor in items if tensor is not None]
+    return DecodedBatch(records, torch.stack(pixels) if pixels else None)
+
+
+def decoded_batches(
+    images_dir: Path, records: Sequence[ImageRecord], preprocess: Callable, batch_size: int, workers: int
+) -> Iterator[DecodedBatch]:
+    loader = DataLoader(
+        _ImageFiles(images_dir, records, preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+    )
+    yield from loader

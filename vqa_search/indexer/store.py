@@ -1,0 +1,272 @@
+"""The index directory on disk: committed generations, pending shards, the manifest and the lock.
+
+    INDEX_DIR/
+      manifest.json          the commit point, replaced atomically; names the live generation
+      gen-000007/            immutable once the manifest names it
+        images.parquet       id, path, bytes, mtime_ns, sha256, width, height
+        captions.parquet     id, image_id, text
+        image_embeddings.npy caption_embeddings.npy   float32, L2-normalised, row = id
+        images.faiss         captions.faiss
+      pending/               shards of a run that has not committed yet (resumed after a crash)
+        model.json  images-000003.npy + images-000003.parquet  captions-000001.npy + ...parquet
+      .lock                  held (flock) by the one process writing
+
+A query reads the manifest, then only files of the generation it names, so it never sees a
+half-written index. A shard counts once its parquet file exists (written after its .npy).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vqa_search.atomic import atomic_path, write_json
+from vqa_search.errors import UserError
+from vqa_search.models import ModelIdentity
+
+FORMAT_VERSION = 1
+DEFAULT_DIR_NAME = ".vqa-search"
+MANIFEST = "manifest.json"
+
+IMAGE_RECORD_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("reason", pa.string()),  # why the file was skipped; null when it was embedded
+    ]
+)
+IMAGES_SCHEMA = pa.schema([("id", pa.int64())] + [f for f in IMAGE_RECORD_SCHEMA if f.name != "reason"])
+CAPTIONS_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What decides whether a file changed without reading it."""
+
+    path: str
+    bytes: int
+    mtime_ns: int
+
+
+@dataclass
+class ImageRecord:
+    state: FileState
+    sha256: str
+    width: int = 0
+    height: int = 0
+    reason: str | None = None  # set when the file was skipped
+    embedding: np.ndarray | None = None
+
+
+@dataclass
+class EmbeddingCache:
+    """Every embedding already paid for: the committed generation plus pending shards."""
+
+    by_state: dict[FileState, ImageRecord] = field(default_factory=dict)
+    by_sha256: dict[str, ImageRecord] = field(default_factory=dict)
+    by_text: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add_image(self, record: ImageRecord) -> None:
+        self.by_state[record.state] = record
+        if record.reason is None:
+            self.by_sha256[record.sha256] = record
+
+
+class IndexDir:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def pending(self) -> Path:
+        return self.path / "pending"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> dict:
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"no index at {self.path}: run `vqa-search index DATASET` first") from None
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read {self.manifest_path}: {error}") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"{self.path} has index format {manifest.get('format_version')}, this vqa-search reads "
+                f"{FORMAT_VERSION}: run `vqa-search index` again to rebuild it"
+            )
+        return manifest
+
+    def generation(self, number: int) -> Path:
+        return self.path / f"gen-{number:06d}"
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer at a time; the kernel drops the lock if the writer dies, even by kill -9."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise UserError(
+                    f"another vqa-search process (pid {holder}) is writing the index at {self.path}; "
+                    "wait for it to finish or stop it"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # ---- the embedding cache -------------------------------------------------------------
+
+    def load_cache(self, identity: ModelIdentity) -> EmbeddingCache:
+        """Committed and pending embeddings made with `identity`; anything else is discarded."""
+        cache = EmbeddingCache()
+        if self.exists():
+            manifest = self.read_manifest()
+            if identity.same_weights(ModelIdentity.from_json(manifest["model"])):
+                self._load_generation(self.generation(manifest["generation"]), manifest, cache)
+        pending_model = self.pending / "model.json"
+        if pending_model.is_file():
+            if identity.same_weights(ModelIdentity.from_json(json.loads(pending_model.read_text()))):
+                self._load_pending(cache)
+            else:
+                self.clear_pending()
+        return cache
+
+    def _load_generation(self, gen: Path, manifest: dict, cache: EmbeddingCache) -> None:
+        images = pq.read_table(gen / "images.parquet").to_pylist()
+        vectors = np.load(gen / "image_embeddings.npy", mmap_mode="r")
+        for row in images:
+            state = FileState(row["path"], row["bytes"], row["mtime_ns"])
+            cache.add_image(ImageRecord(state, row["sha256"], row["width"], row["height"], None, vectors[row["id"]]))
+        for skipped in manifest.get("skipped", []):
+            state = FileState(skipped["path"], skipped["bytes"], skipped["mtime_ns"])
+            cache.add_image(ImageRecord(state, skipped.get("sha256", ""), reason=skipped["reason"]))
+        texts = pq.read_table(gen / "captions.parquet", columns=["text"]).column("text").to_pylist()
+        caption_vectors = np.load(gen / "caption_embeddings.npy", mmap_mode="r")
+        cache.by_text.update(zip(texts, caption_vectors))
+
+    def _load_pending(self, cache: EmbeddingCache) -> None:
+        for table_path in sorted(self.pending.glob("images-*.parquet")):
+            vectors = iter(np.load(table_path.with_suffix(".npy")))
+            for row in pq.read_table(table_path).to_pylist():
+                state = FileState(row["path"], row["bytes"], row["mtime_ns"])
+                embedding = next(vectors) if row["reason"] is None else None
+                cache.add_image(
+                    ImageRecord(state, row["sha256"], row["width"], row["height"], row["reason"], embedding)
+                )
+        for table_path in sorted(self.pending.glob("captions-*.parquet")):
+            texts = pq.read_table(table_path).column("text").to_pylist()
+            cache.by_text.update(zip(texts, np.load(table_path.with_suffix(".npy"))))
+
+    def clear_pending(self) -> None:
+        shutil.rmtree(self.pending, ignore_errors=True)
+
+    def shard_writer(self, kind: str, identity: ModelIdentity, **kwargs) -> "ShardWriter":
+        self.pending.mkdir(parents=True, exist_ok=True)
+        write_json(self.pending / "model.json", identity.to_json())
+        return ShardWriter(self.pending, kind, **kwargs)
+
+    # ---- committing ----------------------------------------------------------------------
+
+    def commit(self, files: dict[str, object], manifest: dict) -> Path:
+        """Write a new generation, then the manifest naming it; then drop what it replaced."""
+        previous = self.read_manifest()["generation"] if self.exists() else 0
+        number = previous + 1
+        gen = self.generation(number)
+        staging = self.path / f".staging-{number:06d}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for name, content in files.items():
+            _write_file(staging / name, content)
+        shutil.rmtree(gen, ignore_errors=True)
+        os.replace(staging, gen)
+        _fsync_dir(self.path)
+        write_json(self.manifest_path, {**manifest, "generation": number})
+        for old in self.path.glob("gen-*"):
+            if old != gen:
+                shutil.rmtree(old, ignore_errors=True)
+        self.clear_pending()
+        return gen
+
+
+class ShardWriter:
+    """Buffers freshly computed rows and flushes them as numbered shards, by count or by time."""
+
+    def __init__(self, directory: Path, kind: str, rows_per_shard: int = 1024, seconds_per_shard: float = 30.0):
+        self.directory = directory
+        self.kind = kind
+        self.rows_per_shard = rows_per_shard
+        self.seconds_per_shard = seconds_per_shard
+        self._rows: list[dict] = []
+        self._vectors: list[np.ndarray] = []
+        self._last_flush = time.monotonic()
+        existing = [int(p.stem.rsplit("-", 1)[1]) for p in directory.glob(f"{kind}-*.parquet")]
+        self._next = max(existing, default=-1) + 1
+
+    def add(self, row: dict, vector: np.ndarray | None) -> None:
+        self._rows.append(row)
+        if vector is not None:
+            self._vectors.append(vector)
+        if len(self._rows) >= self.rows_per_shard or time.monotonic() - self._last_flush >= self.seconds_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        stem = self.directory / f"{self.kind}-{self._next:06d}"
+        vectors = np.stack(self._vectors) if self._vectors else np.zeros((0, 0), np.float32)
+        _write_file(stem.with_suffix(".npy"), vectors.astype(np.float32))
+        schema = IMAGE_RECORD_SCHEMA if self.kind == "images" else None
+        _write_file(stem.with_suffix(".parquet"), pa.Table.from_pylist(self._rows, schema=schema))
+        self._next += 1
+        self._rows, self._vectors = [], []
+        self._last_flush = time.monotonic()
+
+
+def _write_file(path: Path, content: object) -> None:
+    with atomic_path(path) as temp:
+        if isinstance(content, np.ndarray):
+            with open(temp, "wb") as handle:
+                np.save(handle, content)
+        elif isinstance(content, pa.Table):
+            pq.write_table(content, temp)
+        elif isinstance(content, faiss.Index):
+            faiss.write_index(content, str(temp))
+        else:
+            raise TypeError(f"cannot write {type(content).__name__} to {path}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Query time: FAISS indexes, the searcher, metrics and result rendering."""

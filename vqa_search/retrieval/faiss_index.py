@@ -1,0 +1,115 @@
+"""FAISS indexes over L2-normalised vectors: inner product is cosine similarity.
+
+Exact search below FLAT_MAX_VECTORS, IVF above it. The threshold is measured, not guessed:
+`python benchmarks/index_types.py` times exact and IVF search at growing sizes on this kind of
+machine (see the README's table). Exact search stays cheap far beyond a photo collection's size,
+so IVF is only chosen where its recall loss buys a real latency gain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from vqa_search.errors import UserError
+
+INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq")
+FLAT_MAX_VECTORS = 200_000
+# FAISS wants at least 39 training points per centroid; fewer gives poor clusters and a warning.
+MIN_POINTS_PER_CENTROID = 39
+TRAINING_POINTS_PER_CENTROID = 256
+PQ_BITS = 8
+TRAINING_SEED = 1234
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What the manifest records about one FAISS index."""
+
+    type: str  # flat | ivf | ivfpq
+    nlist: int | None = None
+    nprobe: int | None = None
+
+    def to_json(self) -> dict:
+        return {"type": self.type, "nlist": self.nlist, "nprobe": self.nprobe}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "IndexSpec":
+        return cls(type=data["type"], nlist=data.get("nlist"), nprobe=data.get("nprobe"))
+
+
+def choose_spec(n_vectors: int, requested: str = "auto") -> IndexSpec:
+    if requested not in INDEX_TYPES:
+        raise UserError(f"unknown index type {requested!r}; choose one of {', '.join(INDEX_TYPES)}")
+    kind = requested
+    if kind == "auto":
+        kind = "flat" if n_vectors <= FLAT_MAX_VECTORS else "ivf"
+    if kind == "flat":
+        return IndexSpec("flat")
+    # About 4·sqrt(n) lists, the usual FAISS rule, capped so every list gets enough training points.
+    nlist = max(1, min(int(4 * math.sqrt(n_vectors)), n_vectors // MIN_POINTS_PER_CENTROID))
+    # Probing ~1/16 of the lists keeps recall@10 near exact search at these list counts (see benchmarks).
+    nprobe = max(1, min(nlist, math.ceil(nlist / 16)))
+    return IndexSpec(kind, nlist=nlist, nprobe=nprobe)
+
+
+def build_faiss(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if spec.type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        if spec.type == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, spec.nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, spec.nlist, _pq_subquantizers(dim), _pq_bits(n),
+                                     faiss.METRIC_INNER_PRODUCT)
+        index.train(_training_sample(vectors, spec.nlist))
+        index.nprobe = spec.nprobe
+    index.add(vectors)
+    return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None):
+    """(scores, ids) of shape (len(queries), min(k, ntotal)); nprobe overrides the stored one for IVF."""
+    if nprobe is not None and hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+    k = min(k, index.ntotal)
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def read_faiss(path: Path, use_gpu: bool = True) -> faiss.Index:
+    index = faiss.read_index(str(path))
+    if use_gpu and _gpu_count() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def _gpu_count() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
+    limit = nlist * TRAINING_POINTS_PER_CENTROID
+    if len(vectors) <= limit:
+        return vectors
+    rows = np.random.default_rng(TRAINING_SEED).choice(len(vectors), size=limit, replace=False)
+    return vectors[np.sort(rows)]
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """8 dimensions per sub-quantizer (64 bytes a vector at d=512), a common accuracy/size balance."""
+    for m in (dim // 8, dim // 4, dim // 2, dim):
+        if m >= 1 and dim % m == 0:
+            return m
+    return dim
+
+
+def _pq_bits(n_vectors: int) -> int:
+    """PQ codebooks need about 39·2^bits training points; small collections get smaller codebooks."""
+    return int(max(1, min(PQ_BITS, math.floor(math.log2(max(2, n_vectors // MIN_POINTS_PER_CENTROID))))))

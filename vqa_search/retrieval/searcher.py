@@ -1,0 +1,193 @@
+"""Answer text->image, image->image, text->caption and image->caption queries from a committed index.
+
+The searcher reads the manifest once, then only the generation it names, so a concurrent `index`
+run can never show it a half-written state. The model is loaded on the first query and kept, so
+later queries only pay for one forward pass and a FAISS search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from vqa_search.encode import encode_images, encode_texts
+from vqa_search.errors import UserError
+from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.indexer.store import DEFAULT_DIR_NAME, IndexDir
+from vqa_search.models import Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.retrieval.faiss_index import read_faiss, search
+
+TARGETS = ("images", "captions")
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    image: str  # path relative to the indexed images folder
+    image_id: int
+    caption: str | None  # the matched caption (target captions) or the image's first caption
+    captions: list[str] = field(default_factory=list)
+    caption_id: int | None = None  # set when the target is captions
+
+
+@dataclass
+class SearchResult:
+    query: str  # the text, or the query image's path
+    target: str
+    results: list[Hit]
+
+    def to_json(self) -> dict:
+        return {"query": self.query, "target": self.target, "results": [asdict(hit) for hit in self.results]}
+
+
+def find_index(start: Path | str | None = None, upwards: bool = True) -> Path:
+    """The index directory at `start` or `start/.vqa-search/`; with `upwards`, in a parent too."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents) if upwards else (start,):
+        for candidate in (folder, folder / DEFAULT_DIR_NAME):
+            if IndexDir(candidate).exists():
+                return candidate
+    where = f"in {start} or its parents" if upwards else f"at {start}"
+    raise UserError(
+        f"no vqa-search index {where}: run `vqa-search index DATASET` first, or pass --index DIR"
+    )
+
+
+class Index:
+    """A committed index, opened for searching.
+
+    `Index.build(dataset)` creates or updates one; `Index.open(path)` opens it (discovering it from
+    the current folder upwards when `path` is None).
+    """
+
+    def __init__(self, index_dir: IndexDir, clip: Clip | None = None):
+        self.dir = index_dir
+        self.manifest = index_dir.read_manifest()
+        self.identity = ModelIdentity.from_json(self.manifest["model"])
+        self.generation = index_dir.generation(self.manifest["generation"])
+        self.images_root = (index_dir.path / self.manifest["dataset"]["images_dir"]).resolve()
+        images = pq.read_table(self.generation / "images.parquet").to_pydict()
+        captions = pq.read_table(self.generation / "captions.parquet").to_pydict()
+        self.image_paths: list[str] = images["path"]
+        self.image_splits: list[str | None] = images.get("split", [None] * len(self.image_paths))
+        self.caption_texts: list[str] = captions["text"]
+        self.caption_image: np.ndarray = np.asarray(captions["image_id"], dtype=np.int64)
+        self.captions_of: list[list[str]] = [[] for _ in self.image_paths]
+        for text, image_id in zip(self.caption_texts, self.caption_image):
+            self.captions_of[image_id].append(text)
+        self._faiss: dict[str, object] = {}
+        self._clip = clip
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, dataset: Path | str, **config):
+        """Create or update the index of `dataset`; keyword arguments are `BuildConfig` fields."""
+        from vqa_search.indexer.build import BuildConfig, build_index
+
+        return build_index(dataset, BuildConfig(**config))
+
+    @classmethod
+    def open(cls, path: Path | str | None = None, model: str | None = None, pretrained: str | None = None) -> "Index":
+        """Open an index; if `model`/`pretrained` are given they must be what the index was built with."""
+        index = cls(IndexDir(find_index(path, upwards=path is None)))
+        if model or pretrained:
+            index._check_requested_model(model or index.identity.model, pretrained or index.identity.pretrained)
+        return index
+
+    def _check_requested_model(self, model: str, pretrained: str) -> None:
+        requested = resolve_identity(model, pretrained)
+        if not requested.same_weights(self.identity):
+            raise UserError(
+                f"the index at {self.dir.path} was built with {self.identity.describe()}, not "
+                f"{requested.describe()}: query without --model/--pretrained, or re-index with them"
+            )
+
+    # ---- data ------------------------------------------------------------------------------
+
+    @property
+    def clip(self) -> Clip:
+        if self._clip is None:
+            self._check_checkpoint_unchanged()
+            self._clip = load_clip(self.identity)
+        return self._clip
+
+    def _check_checkpoint_unchanged(self) -> None:
+        """Embeddings of another checkpoint's space would give plausible-looking nonsense."""
+        if not self.identity.sha256:
+            return
+        path = Path(self.identity.pretrained)
+        if not path.is_file():
+            raise UserError(f"the index at {self.dir.path} was built with checkpoint {path}, which no longer exists")
+        current = resolve_identity(self.identity.model, str(path))
+        if not current.same_weights(self.identity):
+            raise UserError(
+                f"checkpoint {path} changed since the index at {self.dir.path} was built "
+                f"(sha256 {self.identity.sha256[:12]} then, {current.sha256[:12]} now): run `vqa-search index` again"
+            )
+
+    def embeddings(self, target: str = "images") -> np.ndarray:
+        """The stored L2-normalised vectors (memory-mapped), row = image id or caption id."""
+        name = "image_embeddings.npy" if target == "images" else "caption_embeddings.npy"
+        return np.load(self.generation / name, mmap_mode="r")
+
+    def _faiss_index(self, target: str):
+        if target not in self._faiss:
+            path = self.generation / f"{target}.faiss"
+            if not path.is_file():
+                raise UserError(f"the index at {self.dir.path} has no {target[:-1]} vectors (no captions were indexed)")
+            self._faiss[target] = read_faiss(path)
+        return self._faiss[target]
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    def search(
+        self,
+        text: str | None = None,
+        image: Path | str | None = None,
+        k: int = 10,
+        target: str = "images",
+        nprobe: int | None = None,
+    ) -> SearchResult:
+        query_vector, query = self._query_vector(text, image)
+        if k < 1:
+            raise UserError(f"k must be at least 1 (got {k})")
+        if target not in TARGETS:
+            raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        if nprobe is not None and nprobe < 1:
+            raise UserError(f"--nprobe must be at least 1 (got {nprobe})")
+        scores, ids = search(self._faiss_index(target), query_vector, k, nprobe)
+        hits = [self._hit(rank, float(score), int(item), target)
+                for rank, (score, item) in enumerate(zip(scores[0], ids[0]), start=1) if item >= 0]
+        return SearchResult(query=query, target=target, results=hits)
+
+    def _query_vector(self, text: str | None, image: Path | str | None) -> tuple[np.ndarray, str]:
+        if (text is None) == (image is None):
+            raise UserError("give either a query text or --image PATH (not both)")
+        if text is not None:
+            if not text.strip():
+                raise UserError("the query text is empty")
+            return encode_texts(self.clip, [text.strip()]), text.strip()
+        path = Path(image)
+        if not path.is_file():
+            raise UserError(f"query image not found: {path}")
+        try:
+            loaded = load_rgb(path)
+        except ImageSkipped as skipped:
+            raise UserError(f"cannot read query image {path}: {skipped}") from None
+        return encode_images(self.clip, [loaded.image]), str(path)
+
+    def _hit(self, rank: int, score: float, item: int, target: str) -> Hit:
+        if target == "captions":
+            image_id = int(self.caption_image[item])
+            return Hit(rank, score, self.image_paths[image_id], image_id, self.caption_texts[item],
+                       self.captions_of[image_id], caption_id=item)
+        captions = self.captions_of[item]
+        return Hit(rank, score, self.image_paths[item], item, captions[0] if captions else None, captions)
+
+    def image_file(self, image_id: int) -> Path:
+        return self.images_root / self.image_paths[image_id]
