@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import socket
 import zipfile
 from dataclasses import dataclass
@@ -193,8 +194,8 @@ def _read_state_dict(path: Path) -> dict:
             # OpenAI's released .pt files are TorchScript archives; jit.load restores tensors, not Python objects.
             state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
-            state_dict = open_clip.load_state_dict(str(path), weights_only=True)
-    except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as error:
+            state_dict = open_clip.factory.load_state_dict(str(path), weights_only=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserError(f"checkpoint {path} holds no model weights")

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random CLIP and small photo folders generated on the fly."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vqa_search.models import TINY_MODEL
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample"
+COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (240, 220, 20), (150, 40, 180), (250, 140, 0),
+           (20, 200, 200), (240, 240, 240), (20, 20, 20), (120, 80, 40)]
+
+
+def tiny_config(**overrides) -> dict:
+    """BuildConfig fields for fast, deterministic, offline test runs."""
+    return {"model": TINY_MODEL, "pretrained": "none", "workers": 0, "progress": False, "batch_size": 4,
+            **overrides}
+
+
+def write_photo(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Path:
+    """A distinct picture per colour: a coloured square on a gradient, so embeddings differ."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, colour)
+    for x in range(size[0]):
+        image.putpixel((x, 0), (x * 5 % 256, 0, 0))
+    image.save(path)
+    return path
+
+
+def write_captions(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A Flickr8k-shaped folder: Images/ with 6 photos and captions.txt with 2 captions each."""
+    root = tmp_path / "photos"
+    rows = []
+    for i, colour in enumerate(COLOURS[:6]):
+        name = f"photo_{i}.png"
+        write_photo(root / "Images" / name, colour)
+        rows += [(name, f"a picture, number {i}"), (name, f'the "colour" {colour}')]
+    write_captions(root / "captions.txt", rows)
+    return root
