@@ -75,7 +75,7 @@ def test_incremental_add_change_delete(photos):
         if path in ("photo_0.png", "photo_3.png", "photo_4.png", "photo_5.png"):
             np.testing.assert_array_equal(after.embeddings()[i], old_vectors[path])
     assert not np.allclose(after.embeddings()[2], old_vectors["photo_1.png"])
-    assert len(list((photos / ".vqa-search").glob("gen-*"))) == 1
+    assert len(list((photos / ".vqa-search").glob("gen-*"))) == 2  # the live one and its predecessor
     assert not (photos / ".vqa-search" / "pending").exists()
 
 
@@ -192,3 +192,12 @@ def test_ivf_index_with_nprobe(tmp_path):
     index = Index.open(tmp_path / "many")
     everything = index.search(image=tmp_path / "many" / "005.png", k=5, nprobe=spec["nlist"])
     assert everything.results[0].image == "005.png"
+
+
+def test_open_searcher_survives_a_new_commit(photos):
+    Index.build(photos, **tiny_config())
+    searcher = Index.open(photos)
+    write_photo(photos / "Images" / "late.png", COLOURS[9])
+    Index.build(photos, **tiny_config())
+    assert len(searcher.search(text="a dog", k=10).results) == 6  # still the generation it opened
+    assert len(Index.open(photos).search(text="a dog", k=10).results) == 7

@@ -26,10 +26,13 @@ def noisy_photo(size: tuple[int, int] = (160, 120)) -> Image.Image:
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG that claims a size in its IHDR chunk but holds no pixels: a bomb costs nothing to make."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk)
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", b""))
     return path
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def cut_in_half(path: Path) -> Path:

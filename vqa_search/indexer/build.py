@@ -63,7 +63,8 @@ class BuildReport:
     embedded_captions: int
     skipped: list[dict]
     up_to_date: bool
-    seconds: float
+    seconds: float  # the whole run
+    embedding_seconds: dict[str, float] = field(default_factory=dict)  # per kind, once the model is loaded
 
     def to_json(self) -> dict:
         return {**asdict(self), "index_dir": str(self.index_dir)}
@@ -110,6 +111,7 @@ class _Builder:
         self.config = config
         self.cache: EmbeddingCache = index_dir.load_cache(identity)
         self._clip: Clip | None = None
+        self.embedding_seconds: dict[str, float] = {}  # after the model is loaded: decoding + forward
 
     @property
     def clip(self) -> Clip:
@@ -143,7 +145,8 @@ class _Builder:
             schema=CAPTIONS_SCHEMA,
         )
         report = BuildReport(self.index_dir.path, len(indexed), len(captions), embedded_images,
-                             embedded_captions, skipped, up_to_date=False, seconds=0.0)
+                             embedded_captions, skipped, up_to_date=False, seconds=0.0,
+                             embedding_seconds=self.embedding_seconds)
         if self._unchanged(images_table, captions_table, skipped):
             report.up_to_date = True
             return report
@@ -194,6 +197,7 @@ class _Builder:
         if not pending:
             return []
         clip = self.clip
+        started = time.perf_counter()
         writer = self.index_dir.shard_writer("images", self.identity, rows_per_shard=self.config.rows_per_shard)
         done: list[ImageRecord] = []
         bar = tqdm(total=len(pending), unit="img", desc="images", disable=not self.config.progress, smoothing=0.1)
@@ -210,12 +214,14 @@ class _Builder:
         finally:
             writer.flush()  # on Ctrl-C too: what was embedded is kept for the next run
             bar.close()
+        self.embedding_seconds["images"] = time.perf_counter() - started
         return done
 
     def _caption_vectors(self, texts: list[str]) -> tuple[np.ndarray, int]:
         new = list(dict.fromkeys(t for t in texts if t not in self.cache.by_text))
         if new:
             clip = self.clip
+            started = time.perf_counter()
             writer = self.index_dir.shard_writer("captions", self.identity, rows_per_shard=self.config.rows_per_shard)
             chunk = self.config.rows_per_shard
             bar = tqdm(total=len(new), unit="cap", desc="captions", disable=not self.config.progress)
@@ -229,6 +235,7 @@ class _Builder:
             finally:
                 writer.flush()
                 bar.close()
+            self.embedding_seconds["captions"] = time.perf_counter() - started
         if not texts:
             return np.zeros((0, 0), np.float32), 0
         return np.stack([self.cache.by_text[t] for t in texts]).astype(np.float32), len(new)

@@ -1,89 +1,127 @@
-"""Decode users' photos into RGB, converting what can be converted and naming what cannot.
+"""Decode user photos into plain RGB for CLIP, turning every unreadable file into a reason instead of a crash.
 
-Photo folders hold zero-byte files, truncated downloads, text files named .jpg, CMYK scans,
-16-bit PNGs, transparent logos, rotated phone pictures and the odd decompression bomb. Each one is
-either turned into a correct RGB picture or skipped with a short reason for the report.
+Photo folders hold empty files, half-copied JPEGs, renamed documents, 16-bit scans and decompression bombs;
+one of them must not stop an index of thousands. Everything here is a module-level function so DataLoader
+workers can pickle it.
 """
 
 from __future__ import annotations
 
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
-# PIL's own default: about 89 megapixels (a 9500 x 9500 image); larger headers are refused unread.
-MAX_PIXELS = 89_478_485
-# A truncated file must be reported, not padded with grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-_BACKGROUND = (255, 255, 255)
+MAX_PIXELS = 89_478_485  # PIL's own default limit, about 9500 x 9500
+WHITE = (255, 255, 255)
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+MAX_REASON_LENGTH = 100
+
+# What PIL's format plugins raise on malformed input, besides the OSError family.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError, KeyError,
+                  ZeroDivisionError, Image.DecompressionBombError)
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 class ImageSkipped(Exception):
-    """str(error) is the short reason recorded in the manifest."""
+    """A file that is not indexed; str() is a short reason for the user, e.g. "truncated file"."""
 
 
 @dataclass
 class LoadedImage:
-    image: Image.Image  # RGB, EXIF orientation applied
-    width: int
+    image: Image.Image  # RGB, EXIF orientation applied, detached from the file
+    width: int  # after EXIF transpose, as people see the photo
     height: int
 
 
 def load_rgb(path: Path) -> LoadedImage:
-    path = Path(path)
+    """Open, fully decode and normalise one photo; raises ImageSkipped for anything unreadable."""
     try:
-        if path.stat().st_size == 0:
+        if Path(path).stat().st_size == 0:
             raise ImageSkipped("empty file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                _check_pixels(opened.size)
-                opened.seek(0)  # first frame of an animation
-                opened.load()
-                image = _to_rgb(ImageOps.exif_transpose(opened))
-    except ImageSkipped:
-        raise
-    except Image.UnidentifiedImageError:
-        raise ImageSkipped("not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageSkipped(f"decompression bomb ({error})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageSkipped(_reason(error)) from None
+        image = _decode(Path(path))
+    except _DECODE_ERRORS as error:
+        raise ImageSkipped(_reason(error)) from error
     return LoadedImage(image, image.width, image.height)
 
 
-def _check_pixels(size: tuple[int, int]) -> None:
-    pixels = size[0] * size[1]
+def _decode(path: Path) -> Image.Image:
+    """Check the size before decoding pixels, then load eagerly so truncation surfaces here.
+
+    ImageFile.LOAD_TRUNCATED_IMAGES is left False: a half-copied photo must be reported, not padded with grey.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is enforced below
+        with Image.open(path) as opened:
+            _refuse_bombs(opened.width * opened.height)
+            opened.load()  # the first frame of an animation
+            upright = ImageOps.exif_transpose(opened)  # always a copy, so the file can close
+    return _to_rgb(upright)
+
+
+def _refuse_bombs(pixels: int) -> None:
     if pixels > MAX_PIXELS:
-        raise ImageSkipped(f"decompression bomb ({pixels} pixels > limit {MAX_PIXELS})")
+        raise ImageSkipped(_bomb_reason(pixels))
+
+
+def _bomb_reason(pixels: int) -> str:
+    return f"decompression bomb ({pixels} pixels > limit {MAX_PIXELS})"
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return _high_bit_depth_to_rgb(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, _BACKGROUND)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+    """RGB whatever the source mode: wide greys scaled down, transparency shown as white paper."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _wide_grey_to_8bit(image)
+    if _has_transparency(image):
+        return _over_white(image.convert("RGBA"))
     return image.convert("RGB")
 
 
-def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
-    """Scale 16-bit grey to 8 bits; PIL's convert("L") would clip everything above 255 to white."""
+def _wide_grey_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit values map 65535 -> 255 (a plain convert would clip everything above 255 to white)."""
     values = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if values.max() > 255 or image.mode.startswith("I;16") else 255.0
-    grey = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
+    if _holds_16bit_values(image, values):
+        scaled = values / 257
+    else:  # 32-bit ints or floats have no fixed range: stretch what is there
+        low, high = values.min(), values.max()
+        scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+
+
+def _holds_16bit_values(image: Image.Image, values: np.ndarray) -> bool:
+    """PIL opens 16-bit PNGs as "I;16" now and as "I" in older versions; both hold 0..65535."""
+    if image.mode.startswith("I;16"):
+        return True
+    return image.mode == "I" and values.min() >= 0 and values.max() <= 65535
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """An alpha band, or a palette / grey / RGB value marked transparent (PNG tRNS, GIF)."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def _over_white(rgba: Image.Image) -> Image.Image:
+    """Transparent pixels turn black under a plain convert; CLIP should see the paper they sit on."""
+    paper = Image.new("RGBA", rgba.size, WHITE + (255,))
+    return Image.alpha_composite(paper, rgba).convert("RGB")
 
 
 def _reason(error: Exception) -> str:
-    message = str(error).lower()
-    if "truncated" in message or "image file is truncated" in message or isinstance(error, EOFError):
+    if isinstance(error, Image.DecompressionBombError):
+        match = _BOMB_PIXELS.search(str(error))
+        return _bomb_reason(int(match.group(1))) if match else "decompression bomb"
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "not an image"
+    if "truncated" in str(error).lower():
         return "truncated file"
-    return f"cannot decode ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if isinstance(error, OSError) and error.strerror:  # the file system's own words: "permission denied"
+        return error.strerror.lower()
+    return _shorten(f"cannot decode ({type(error).__name__}: {error})")
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_REASON_LENGTH else text[: MAX_REASON_LENGTH - 3] + "..."

@@ -197,7 +197,7 @@ class IndexDir:
     # ---- committing ----------------------------------------------------------------------
 
     def commit(self, files: dict[str, object], manifest: dict) -> Path:
-        """Write a new generation, then the manifest naming it; then drop what it replaced."""
+        """Write a new generation, then the manifest naming it; then drop what is two generations old."""
         previous = self.read_manifest()["generation"] if self.exists() else 0
         number = previous + 1
         gen = self.generation(number)
@@ -210,8 +210,10 @@ class IndexDir:
         os.replace(staging, gen)
         _fsync_dir(self.path)
         write_json(self.manifest_path, {**manifest, "generation": number})
+        # The previous generation stays one more commit, so a searcher opened on it keeps working.
+        keep = {gen, self.generation(previous)}
         for old in self.path.glob("gen-*"):
-            if old != gen:
+            if old not in keep:
                 shutil.rmtree(old, ignore_errors=True)
         self.clear_pending()
         return gen
