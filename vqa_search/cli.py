@@ -84,7 +84,10 @@ def index(
 ) -> None:
     """Embed a folder of images and its captions; run again to update it incrementally.
 
-    Example: vqa-search index ./flickr8k
+    \b
+    Examples:
+      vqa-search index ./flickr8k
+      vqa-search index ~/Pictures --out ~/pictures-index --batch-size 32
     """
     from vqa_search.indexer.build import BuildConfig, build_index
     from vqa_search.indexer.image_stream import default_workers
@@ -117,7 +120,10 @@ def query(
 ) -> None:
     """Find images (or captions) by text or by example image.
 
-    Examples: vqa-search query "dog on beach" -k 5 | vqa-search query --image me.jpg --target captions
+    \b
+    Examples:
+      vqa-search query "dog on beach" -k 5
+      vqa-search query --image holiday.jpg --target captions --json
     """
     from vqa_search.retrieval.render import results_table, write_result_sheet
     from vqa_search.retrieval.searcher import Index
@@ -141,7 +147,9 @@ def export(
 ) -> None:
     """Write an index's vectors and metadata to one .npz or .parquet file.
 
-    Example: vqa-search export ./flickr8k --out flickr8k-vectors.parquet
+    \b
+    Example:
+      vqa-search export ./flickr8k --out flickr8k-vectors.parquet
     """
     from vqa_search.indexer.export import export_vectors
     from vqa_search.retrieval.searcher import Index

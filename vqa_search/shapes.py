@@ -16,7 +16,9 @@ import random
 import re
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,8 @@ REPEAT_SHAPE_CHANCE = 0.35  # repeated shapes give count questions answers above
 REPEAT_COLOR_CHANCE = 0.2
 CLEAR_RATIO = 1.5  # a relation is clear when one axis dominates the other by this much
 ANSWER_COPIES = 10  # VQA lists ten annotator answers per question
+PNG_COMPRESS_LEVEL = 3  # twice as fast as the default 6, and no larger on these images
+WRITER_THREADS = 8
 
 MARKER_NAME = "dataset_shapes.json"
 IMAGES_DIR = "Images"
@@ -61,7 +65,7 @@ class ShapesConfig:
     size: int = 96
     captions_per_image: int = 5
     split: tuple[float, float] = (0.8, 0.1)  # train, val fractions; rest test
-    twin_fraction: float = 0.25  # chance that an image is a near-miss variant of an earlier one
+    twin_fraction: float = 0.25  # about this share of images are near-miss variants of an earlier one
 
 
 @dataclass
@@ -149,8 +153,8 @@ def _validate(config: ShapesConfig) -> None:
     train, val = config.split
     if min(train, val) < 0 or train + val > 1:
         raise UserError(f"--split fractions must be non-negative and sum to at most 1, got {train}, {val}")
-    if not 0 <= config.twin_fraction <= 1:
-        raise UserError(f"--twin-fraction must be between 0 and 1, got {config.twin_fraction}")
+    if not 0 <= config.twin_fraction <= 0.5:
+        raise UserError(f"--twin-fraction must be between 0 and 0.5 (a twin needs a source), got {config.twin_fraction}")
 
 
 def _prepare_out(out: Path) -> None:
@@ -170,13 +174,15 @@ def plan_images(config: ShapesConfig) -> list[ImageSpec]:
     rng = random.Random(config.seed)
     splits = assign_splits(config.images, config.split, rng)
     tallies: dict[tuple[str, str], Counter] = {}
-    last_base: dict[str, ImageSpec] = {}  # per split, so twins and their sources share a gallery
+    # Per split, so twins and their sources share a gallery; one twin per source, so no two twins repeat.
+    last_base: dict[str, ImageSpec] = {}
+    # Each twin uses up its source, so twinning a waiting source with chance f / (1 - f) makes about f twins.
+    twin_chance = config.twin_fraction / (1 - config.twin_fraction)
     specs = []
     for index, split in enumerate(splits):
-        source = last_base.get(split)
         spec = None
-        if source and rng.random() < config.twin_fraction:
-            spec = make_twin(source, index, config.size, rng)
+        if split in last_base and rng.random() < twin_chance:
+            spec = make_twin(last_base.pop(split), index, config.size, rng)
         if spec is None:
             spec = make_base(index, split, config.size, rng)
             if len(spec.objects) >= 2:
@@ -247,8 +253,7 @@ def make_twin(source: ImageSpec, index: int, size: int, rng: random.Random) -> I
     variants = ["color-swap", "position-swap"]
     rng.shuffle(variants)
     for variant in variants:
-        swap = swap_colors if variant == "color-swap" else swap_positions
-        objects = swap(source, size, rng)
+        objects = swap_colors(source.objects, rng) if variant == "color-swap" else swap_positions(source, size, rng)
         if objects:
             spec = replace(source, index=index, objects=objects, twin_of=source.index, variant=variant,
                            captions=[], questions=[])
@@ -257,8 +262,8 @@ def make_twin(source: ImageSpec, index: int, size: int, rng: random.Random) -> I
     return None
 
 
-def swap_colors(source: ImageSpec, size: int, rng: random.Random) -> list[SceneObject] | None:
-    objects = source.objects
+def swap_colors(objects: list[SceneObject], rng: random.Random) -> list[SceneObject] | None:
+    """Prefer two different shapes: 'red circle, blue square' becomes 'blue circle, red square'."""
     pairs = [(i, j) for i, j in _pairs(objects) if objects[i].color != objects[j].color]
     different_shapes = [(i, j) for i, j in pairs if objects[i].shape != objects[j].shape]
     if not pairs:
@@ -361,7 +366,8 @@ def write_captions(spec: ImageSpec, count: int, rng: random.Random) -> list[str]
         pool.append(relation_caption(objects, spec.relation_pair, rng))
     pool += group_captions(objects)
     extras = [listing_caption(objects, rng)]
-    extras += [relation_caption(objects, pair, rng) for pair in _describable_pairs(objects)]
+    extras += [relation_caption(objects, (i, j), rng)
+               for i, j in _describable_pairs(objects) if is_clear(objects[i], objects[j])]
     extras += [template.format(a=with_article(_phrase(obj, rng.random() < 0.5)))
                for obj in objects for template in EXISTENCE_TEMPLATES]
     rng.shuffle(extras)
@@ -571,9 +577,17 @@ def outline(shape: str, left: float, top: float, side: float) -> list[tuple[floa
 
 
 def _write_images(images_dir: Path, specs: list[ImageSpec], config: ShapesConfig, progress: bool) -> None:
-    for spec in tqdm(specs, desc="drawing shapes", unit="image", disable=not progress):
-        with atomic_path(images_dir / spec.filename) as temp:
-            render(spec, config.size).save(temp, format="PNG")
+    """Threads, because writing is bound by the fsync of each atomic file, not by drawing."""
+    write = partial(_write_image, images_dir, config.size)
+    with ThreadPoolExecutor(WRITER_THREADS) as pool:
+        for _ in tqdm(pool.map(write, specs), total=len(specs), desc="drawing shapes", unit="image",
+                      disable=not progress):
+            pass
+
+
+def _write_image(images_dir: Path, size: int, spec: ImageSpec) -> None:
+    with atomic_path(images_dir / spec.filename) as temp:
+        render(spec, size).save(temp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def _remove_stale_images(images_dir: Path, specs: list[ImageSpec]) -> None:
