@@ -40,6 +40,14 @@ def write_captions(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 @pytest.fixture
+def shared_sample() -> Path:
+    """The 300 real Flickr8k photos with the full caption files; absent from users' clones."""
+    if not SHARED_SAMPLE.is_dir():
+        pytest.skip(f"shared Flickr8k sample not found at {SHARED_SAMPLE}")
+    return SHARED_SAMPLE
+
+
+@pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """A Flickr8k-shaped folder: Images/ with 6 photos and captions.txt with 2 captions each."""
     root = tmp_path / "photos"

@@ -11,8 +11,6 @@ import pytest
 from vqa_search.errors import UserError
 from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Caption, read_dataset, read_split_files, scan_images
 
-SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample"
-
 
 def touch(root: Path, *names: str) -> None:
     """Empty files are enough: this module never decodes images."""
@@ -217,24 +215,18 @@ def test_non_utf8_caption_file_is_a_user_error(tmp_path):
         read_dataset(tmp_path)
 
 
-def _shared_sample() -> Path:
-    if not SHARED_SAMPLE.is_dir():
-        pytest.skip(f"shared Flickr8k sample not found at {SHARED_SAMPLE}")
-    return SHARED_SAMPLE
+def test_shared_flickr8k_sample_csv(shared_sample):
+    data = read_dataset(shared_sample)
 
-
-def test_shared_flickr8k_sample_csv():
-    data = read_dataset(_shared_sample())
-
-    assert data.caption_source == SHARED_SAMPLE / "captions.txt"
+    assert data.caption_source == shared_sample / "captions.txt"
     assert len(data.images) == 300
     assert len(data.captions) == 1500
     assert {split: len(paths) for split, paths in data.splits.items()} == {"train": 200, "val": 50, "test": 50}
     assert (data.missing_images, data.missing_captions) == (7791, 38955)  # 8,091 named, 40,455 rows
 
 
-def test_shared_flickr8k_sample_token_file_agrees_with_csv():
-    root = _shared_sample()
+def test_shared_flickr8k_sample_token_file_agrees_with_csv(shared_sample):
+    root = shared_sample
     from_csv = read_dataset(root)
     from_tokens = read_dataset(root, captions=root / "Flickr8k.token.txt")
 
