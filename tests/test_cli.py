@@ -37,9 +37,9 @@ def _assert_one_line_error(result, *fragments: str) -> None:
     assert "Traceback" not in result.output + result.stderr
 
 
-@pytest.mark.parametrize("command", ["index", "query", "export"])
+@pytest.mark.parametrize("command", ["index", "query", "export", "make-shapes", "bench recall", "bench report"])
 def test_every_command_has_help_with_an_example(command):
-    result = _run(command, "--help")
+    result = _run(*command.split(), "--help")
     assert result.exit_code == 0
     assert "Example" in result.output and f"vqa-search {command}" in result.output
 

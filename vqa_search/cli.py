@@ -8,11 +8,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from vqa_search.atomic import atomic_path, write_json
 from vqa_search.errors import UserError
 from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
@@ -156,6 +158,138 @@ def export(
 
     written = export_vectors(Index.open(index_dir), out)
     typer.echo(f"wrote {written}", err=True)
+
+
+@app.command("make-shapes")
+@_user_errors
+def make_shapes(
+    out: Path = typer.Argument(..., help="New (or empty) folder for the dataset."),
+    images: int = typer.Option(4000, help="Number of images."),
+    seed: int = typer.Option(0, help="Same seed, same files."),
+    size: int = typer.Option(96, help="Image side in pixels."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Generate the shapes world: captioned images with near misses, VQA questions and boxes.
+
+    It is laid out like Flickr8k, so `index`, `query` and `bench recall` take it as it is.
+
+    \b
+    Examples:
+      vqa-search make-shapes ./shapes
+      vqa-search make-shapes ./shapes-small --images 500 --seed 1 --size 64
+    """
+    from vqa_search.shapes import ShapesConfig, make_shapes as generate
+
+    summary = generate(out, ShapesConfig(images=images, seed=seed, size=size), progress=not quiet)
+    if as_json:
+        _print_json({**asdict(summary), "out": str(summary.out)})
+    elif not quiet:
+        baseline = ", ".join(f"{kind} {percent:.0f}%" for kind, percent in summary.majority_baseline.items())
+        typer.echo(
+            f"wrote {summary.images} images, {summary.captions} captions and {summary.questions} questions "
+            f"to {summary.out} in {summary.seconds:.1f} s\nmajority-answer baseline on test: {baseline}",
+            err=True,
+        )
+
+
+bench_app = typer.Typer(help="Benchmarks: recall@K on the Karpathy protocol, and reports of several runs.",
+                        no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command()
+@_user_errors
+def recall(
+    dataset: Path = typer.Argument(..., help="Dataset folder with split information (Karpathy json or split files)."),
+    split: str = typer.Option("test", help="train | val | test"),
+    model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name."),
+    pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="open_clip pretrained tag, a checkpoint file, or 'none'."),
+    index_type: str = typer.Option("flat", help="flat (exact) | ivf | ivfpq: what an ANN index costs in recall."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists to visit (default: the index type's own)."),
+    k: str = typer.Option("1,5,10", "--k", help="Comma-separated K values."),
+    name: Optional[str] = typer.Option(None, help="Row label in reports. Default: 'MODEL PRETRAINED'."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index whose embeddings to reuse. Default: DATASET/.vqa-search"),
+    captions: Optional[Path] = typer.Option(None, help="Caption file, when not found automatically."),
+    images: Optional[Path] = typer.Option(None, help="Images folder, when not found automatically."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-': stdout)."),
+    append: Optional[Path] = typer.Option(None, help="Add the run to this results file (JSON lines) for `bench report`."),
+    save_ranks: Optional[Path] = typer.Option(None, help="Write one JSON line per query with its rank."),
+    plot: Optional[Path] = typer.Option(None, help="Draw recall@K curves, K = 1..50 (PNG)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Recall@K both ways on a split: the standard (Karpathy) protocol.
+
+    \b
+    Examples:
+      vqa-search bench recall ./flickr8k --split test --json recall.json
+      vqa-search bench recall ./shapes --model vqa-tiny --pretrained none --append results.jsonl
+    """
+    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.retrieval.recall import RecallConfig, run_recall
+    from vqa_search.retrieval.recall_report import append_run, plot_curves, text_table
+
+    _setup_logging(quiet)
+    config = RecallConfig(
+        split=split, model=model, pretrained=pretrained, index_type=index_type, nprobe=nprobe, ks=_parse_ks(k),
+        name=name, index=index_dir, captions=captions, images=images, batch_size=batch_size,
+        workers=default_workers() if workers is None else workers, progress=not quiet,
+    )
+    run = run_recall(dataset, config)
+    result = run.to_json()
+    if save_ranks:
+        _write_lines(save_ranks, run.rank_records())
+    if append:
+        append_run(append, result)
+    if plot:
+        plot_curves([result], plot)
+    if json_out == Path("-"):
+        _print_json(result)
+        return
+    if json_out:
+        write_json(json_out, result)
+    typer.echo(text_table(result))
+
+
+@bench_app.command()
+@_user_errors
+def report(
+    results: Path = typer.Argument(..., help="Results file written by `bench recall --append`."),
+    out: Optional[Path] = typer.Option(None, help="Write the markdown table here (default: print it)."),
+    plot: Optional[Path] = typer.Option(None, help="Draw all runs' recall@K curves in one PNG."),
+) -> None:
+    """Several recall runs in one markdown table (with chance rows) and one plot.
+
+    \b
+    Example:
+      vqa-search bench report results.jsonl --out table.md --plot curves.png
+    """
+    from vqa_search.retrieval.recall_report import markdown_table, plot_curves, read_runs
+
+    runs = read_runs(results)
+    table = markdown_table(runs)
+    if plot:
+        plot_curves(runs, plot)
+    if out:
+        with atomic_path(out) as temp:
+            temp.write_text(table, encoding="utf-8")
+    else:
+        typer.echo(table, nl=False)
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--k takes comma-separated integers such as 1,5,10 (got {text!r})") from None
+
+
+def _write_lines(target: Path, records) -> None:
+    with atomic_path(target) as temp, open(temp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

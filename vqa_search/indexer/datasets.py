@@ -51,6 +51,7 @@ class Dataset:
     caption_source: Path | None  # the caption file used
     missing_images: int  # distinct images named by captions/splits but not on disk
     missing_captions: int  # captions dropped because their image is missing
+    split_missing: dict[str, int] = field(default_factory=dict)  # per split, images it names not on disk
 
 
 @dataclass
@@ -213,6 +214,7 @@ def _match(root: Path, images_dir: Path, caption_source: Path | None, captions: 
         caption_source=caption_source,
         missing_images=sum(1 for path in located.values() if path is None),
         missing_captions=sum(1 for c in captions if located[c.image] is None),
+        split_missing={split: sum(1 for n in set(names) if located[n] is None) for split, names in splits.items()},
     )
 
 

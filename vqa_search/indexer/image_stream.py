@@ -7,11 +7,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from vqa_search.encode import encode_image_batch
 from vqa_search.indexer.images import ImageSkipped, load_rgb
-from vqa_search.indexer.store import ImageRecord
+from vqa_search.indexer.store import FileState, ImageRecord
+from vqa_search.models import Clip
 
 
 def default_workers() -> int:
@@ -61,3 +65,21 @@ def decoded_batches(
         prefetch_factor=4 if workers else None,
     )
     yield from loader
+
+
+def embed_image_files(
+    clip: Clip, images_dir: Path, paths: Sequence[str], batch_size: int, workers: int, progress: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Embed files without writing an index: (vector by path, reason by path for unreadable files)."""
+    records = [ImageRecord(FileState(path, 0, 0), sha256="") for path in paths]  # no index: state unused
+    vectors, skipped = {}, {}
+    with tqdm(total=len(records), unit="img", desc="images", disable=not progress) as bar:
+        for batch in decoded_batches(images_dir, records, clip.preprocess, batch_size, workers):
+            embedded = iter(encode_image_batch(clip, batch.pixels) if batch.pixels is not None else ())
+            for record in batch.records:
+                if record.reason is None:
+                    vectors[record.state.path] = next(embedded)
+                else:
+                    skipped[record.state.path] = record.reason
+            bar.update(len(batch.records))
+    return vectors, skipped

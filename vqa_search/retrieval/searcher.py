@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from vqa_search.encode import encode_images, encode_texts
 from vqa_search.errors import UserError
 from vqa_search.indexer.images import ImageSkipped, load_rgb
-from vqa_search.indexer.store import DEFAULT_DIR_NAME, IndexDir
+from vqa_search.indexer.store import DEFAULT_DIR_NAME, FileState, IndexDir
 from vqa_search.models import Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.retrieval.faiss_index import read_faiss, search
 
@@ -73,6 +73,7 @@ class Index:
         images = pq.read_table(self.generation / "images.parquet").to_pydict()
         captions = pq.read_table(self.generation / "captions.parquet").to_pydict()
         self.image_paths: list[str] = images["path"]
+        self.image_states = [FileState(*state) for state in zip(images["path"], images["bytes"], images["mtime_ns"])]
         self.image_splits: list[str | None] = images.get("split", [None] * len(self.image_paths))
         self.caption_texts: list[str] = captions["text"]
         self.caption_image: np.ndarray = np.asarray(captions["image_id"], dtype=np.int64)
