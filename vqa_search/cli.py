@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -53,11 +54,12 @@ def _setup_logging(quiet: bool = False) -> None:
     ours = logging.getLogger("vqa_search")
     ours.propagate = False
     ours.setLevel(logging.ERROR if quiet else logging.INFO)
-    if not ours.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
-        handler.addFilter(_lowercase_level)
-        ours.addHandler(handler)
+    for previous in list(ours.handlers):  # bound to the stderr of an earlier call (tests run many)
+        ours.removeHandler(previous)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+    handler.addFilter(_lowercase_level)
+    ours.addHandler(handler)
 
 
 def _lowercase_level(record: logging.LogRecord) -> bool:
@@ -80,7 +82,7 @@ def index(
     images: Optional[Path] = typer.Option(None, help="Images folder, when not DATASET/Images or DATASET itself."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
-    index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search below 200k vectors)."),
+    index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search up to 50,000 vectors)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
