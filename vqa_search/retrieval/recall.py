@@ -212,9 +212,9 @@ def _vectors_from_index(index_dir: IndexDir, identity: ModelIdentity, data: Data
     for path in paths:
         stat = (data.images_dir / path).stat()
         known = image_id.get(path)
-        if known is None or index.image_states[known] != FileState(path, stat.st_size, stat.st_mtime_ns) or [
-            index.caption_texts[c] for c in caption_ids.get(known, [])
-        ] != texts_of[path]:
+        stored_texts = [index.caption_texts[c] for c in caption_ids.get(known, [])]
+        current = FileState(path, stat.st_size, stat.st_mtime_ns)
+        if known is None or index.image_states[known] != current or stored_texts != texts_of[path]:
             log.info("the index at %s is not up to date; embedding the split instead", index_dir.path)
             return None
     image_rows = [image_id[path] for path in paths]
