@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError  # what torch raises when weights_only refuses a file
 from typing import Callable
 
 import open_clip
@@ -195,7 +195,7 @@ def _read_state_dict(path: Path) -> dict:
             state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             state_dict = open_clip.factory.load_state_dict(str(path), weights_only=True)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+    except (RuntimeError, OSError, ValueError, UnpicklingError, zipfile.BadZipFile) as error:
         raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserError(f"checkpoint {path} holds no model weights")
