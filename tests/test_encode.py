@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqa_search.encode import encode_texts, supports_trimmed_text
+from vqa_search.encode import encode_texts, supports_trimmed_text, token_embeddings
 from vqa_search.models import TINY_MODEL, load_clip, resolve_identity
 
 WORDS = "a dog runs on the beach while two children in red jackets play with a ball near water".split()
@@ -42,3 +42,18 @@ def test_order_is_the_input_order():
     together = encode_texts(clip, texts, batch_size=3)
     one_by_one = np.concatenate([encode_texts(clip, [text]) for text in texts])
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_token_embeddings_end_with_the_caption_embedding():
+    clip = load_clip(resolve_identity(TINY_MODEL, "none"), torch.device("cpu"))
+    texts = ["a dog", "two children in red jackets play with a ball", "one"]
+    tokens = clip.tokenizer(texts)
+    with torch.inference_mode():
+        embeddings, mask = token_embeddings(clip.model, tokens)
+        reference = clip.model.encode_text(tokens)
+
+    lengths = mask.sum(dim=1)
+    assert mask.shape[1] == int(lengths.max()) and embeddings.shape[:2] == mask.shape
+    assert torch.equal(mask, torch.arange(mask.shape[1])[None, :] < lengths[:, None])  # real tokens, then padding
+    end_of_text = embeddings[torch.arange(len(texts)), lengths - 1]
+    torch.testing.assert_close(end_of_text, reference, atol=1e-5, rtol=0)

@@ -51,9 +51,24 @@ def text_token_states(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
 def project_text(model: CLIP, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's pooling and projection, applied to token states."""
     pooled = text_global_pool(states, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    return to_joint_space(model, pooled)
+
+
+def to_joint_space(model: CLIP, states: torch.Tensor) -> torch.Tensor:
+    """CLIP's text projection, for pooled states (B, W) or per-token states (B, L, W)."""
     if isinstance(model.text_projection, torch.nn.Linear):
-        return model.text_projection(pooled)
-    return pooled @ model.text_projection
+        return model.text_projection(states)
+    return states @ model.text_projection
+
+
+def token_embeddings(model: CLIP, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2's t_1..t_M: every token's final state in the joint space, and the mask of real tokens.
+
+    Cut to the batch's longest caption like the fast path; the end-of-text token's row is exactly
+    the caption's (unnormalised) `encode_text` feature.
+    """
+    tokens = tokens[:, : int(token_lengths(tokens).max())]
+    return to_joint_space(model, text_token_states(model, tokens)), tokens != PAD_TOKEN
 
 
 def encode_text_trimmed(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
