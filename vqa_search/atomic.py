@@ -7,7 +7,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @contextmanager
@@ -27,6 +27,17 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
-def write_json(target: Path | str, data: object) -> None:
+def write_text(target: Path | str, text: str) -> None:
     with atomic_path(target) as temp:
-        temp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        temp.write_text(text, encoding="utf-8")
+
+
+def write_json(target: Path | str, data: object) -> None:
+    write_text(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_json_lines(target: Path | str, records: Iterable[object]) -> None:
+    """One compact JSON document per line, streamed: ranks files run to tens of thousands of lines."""
+    with atomic_path(target) as temp, open(temp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from vqa_search.atomic import atomic_path, write_json
+from vqa_search.atomic import write_json, write_json_lines, write_text
 from vqa_search.errors import UserError
 from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
@@ -242,7 +242,7 @@ def recall(
     run = run_recall(dataset, config)
     result = run.to_json()
     if save_ranks:
-        _write_lines(save_ranks, run.rank_records())
+        write_json_lines(save_ranks, run.rank_records())
     if append:
         append_run(append, result)
     if plot:
@@ -275,8 +275,7 @@ def report(
     if plot:
         plot_curves(runs, plot)
     if out:
-        with atomic_path(out) as temp:
-            temp.write_text(table, encoding="utf-8")
+        write_text(out, table)
     else:
         typer.echo(table, nl=False)
 
@@ -286,12 +285,6 @@ def _parse_ks(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise UserError(f"--k takes comma-separated integers such as 1,5,10 (got {text!r})") from None
-
-
-def _write_lines(target: Path, records) -> None:
-    with atomic_path(target) as temp, open(temp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

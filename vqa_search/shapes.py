@@ -10,7 +10,6 @@ detects without options.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import random
 import re
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vqa_search.atomic import atomic_path, write_json
+from vqa_search.atomic import atomic_path, write_json, write_json_lines, write_text
 from vqa_search.errors import UserError
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
@@ -607,15 +606,11 @@ def _write_captions(target: Path, specs: list[ImageSpec]) -> None:
 
 def _write_split_files(out: Path, specs: list[ImageSpec]) -> None:
     for split, name in SPLIT_FILES.items():
-        with atomic_path(out / name) as temp:
-            temp.write_text("".join(f"{spec.filename}\n" for spec in specs if spec.split == split), encoding="utf-8")
+        write_text(out / name, "".join(f"{spec.filename}\n" for spec in specs if spec.split == split))
 
 
 def _write_questions(target: Path, specs: list[ImageSpec]) -> None:
-    with atomic_path(target) as temp, open(temp, "w", encoding="utf-8") as handle:
-        for spec in specs:
-            for question in spec.questions:
-                handle.write(json.dumps(vqa_record(spec, question)) + "\n")
+    write_json_lines(target, (vqa_record(spec, question) for spec in specs for question in spec.questions))
 
 
 def vqa_record(spec: ImageSpec, question: dict) -> dict:

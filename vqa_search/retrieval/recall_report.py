@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vqa_search.atomic import atomic_path
+from vqa_search.atomic import atomic_path, write_text
 from vqa_search.errors import UserError
 
 DIRECTIONS = {"t2i": "text→image", "i2t": "image→text"}
@@ -21,9 +21,7 @@ REQUIRED_KEYS = ("name", "split", "n_images", "n_captions", "t2i", "i2t", "chanc
 def append_run(results: Path, run: dict) -> None:
     """Add a run to the results file, atomically: a crash leaves the old file whole."""
     lines = results.read_text(encoding="utf-8").splitlines() if results.is_file() else []
-    with atomic_path(results) as temp:
-        temp.write_text("".join(line + "\n" for line in [*lines, json.dumps(run, ensure_ascii=False)]),
-                        encoding="utf-8")
+    write_text(results, "".join(line + "\n" for line in [*lines, json.dumps(run, ensure_ascii=False)]))
 
 
 def read_runs(results: Path) -> list[dict]:
