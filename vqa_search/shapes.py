@@ -64,7 +64,7 @@ class ShapesConfig:
     size: int = 96
     captions_per_image: int = 5
     split: tuple[float, float] = (0.8, 0.1)  # train, val fractions; rest test
-    twin_fraction: float = 0.25  # about this share of images are near-miss variants of an earlier one
+    twin_fraction: float = 0.25  # share of twins aimed for; scenes with no valid swap lower it (20.6% at 4,000)
 
 
 @dataclass
@@ -256,27 +256,33 @@ def make_twin(source: ImageSpec, index: int, size: int, rng: random.Random) -> I
         if objects:
             spec = replace(source, index=index, objects=objects, twin_of=source.index, variant=variant,
                            captions=[], questions=[])
-            spec.relation_pair = choose_relation_pair(objects, source.relation_pair, rng)
+            # Only the swapped pair's relation tells a position swap apart, so that is the pair captioned.
+            moved = tuple(k for k, (old, new) in enumerate(zip(source.objects, objects)) if old != new)
+            preferred = moved if variant == "position-swap" else source.relation_pair
+            spec.relation_pair = choose_relation_pair(objects, preferred, rng)
             return spec
     return None
 
 
 def swap_colors(objects: list[SceneObject], rng: random.Random) -> list[SceneObject] | None:
-    """Prefer two different shapes: 'red circle, blue square' becomes 'blue circle, red square'."""
+    """Two different shapes: 'red circle, blue square' becomes 'blue circle, red square'.
+
+    Swapping the colours of two circles is a position swap in disguise that the listing cannot tell.
+    """
     pairs = [(i, j) for i, j in _pairs(objects) if objects[i].color != objects[j].color]
     different_shapes = [(i, j) for i, j in pairs if objects[i].shape != objects[j].shape]
-    if not pairs:
+    if not different_shapes:
         return None
-    i, j = rng.choice(different_shapes or pairs)
+    i, j = rng.choice(different_shapes)
     swapped = list(objects)
     swapped[i], swapped[j] = replace(objects[i], color=objects[j].color), replace(objects[j], color=objects[i].color)
     return swapped
 
 
 def swap_positions(source: ImageSpec, size: int, rng: random.Random) -> list[SceneObject] | None:
-    """Swap the centres of two distinguishable objects, the captioned pair first so its relation flips."""
+    """Swap the centres of two objects a caption can name, the captioned pair first so its relation flips."""
     objects = source.objects
-    pairs = [pair for pair in _pairs(objects) if _phrase(objects[pair[0]], True) != _phrase(objects[pair[1]], True)]
+    pairs = _describable_pairs(objects)
     rng.shuffle(pairs)
     if source.relation_pair in pairs:
         pairs.insert(0, pairs.pop(pairs.index(source.relation_pair)))
