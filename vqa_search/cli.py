@@ -280,6 +280,11 @@ def report(
         typer.echo(table, nl=False)
 
 
+train_app = typer.Typer(help="Adapt CLIP to a collection: stage-1 fine-tuning and the stage-2 re-ranker.",
+                        no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(train_app, name="train")
+
+
 def _parse_ks(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
