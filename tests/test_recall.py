@@ -120,7 +120,8 @@ def test_cli_writes_json_ranks_results_and_plots(split_photos, tmp_path):
     assert len(ranks) == 6 + 3
     assert ranks[0]["query_id"] == "photo_0.png#0" and ranks[0]["correct"] == ["photo_0.png"]
     assert ranks[-1] == {"direction": "i2t", "query_id": "photo_2.png", "query": "photo_2.png",
-                         "correct": ["photo_2.png#0", "photo_2.png#1"], "rank": ranks[-1]["rank"]}
+                         "correct": ["photo_2.png#0", "photo_2.png#1"], "rank": ranks[-1]["rank"],
+                         "run": report["name"]}
     t2i_ranks = np.array([r["rank"] for r in ranks if r["direction"] == "t2i"])
     assert report["t2i"]["R@1"] == pytest.approx(100 * np.mean(t2i_ranks <= 1))
     assert out["one.png"].read_bytes().startswith(b"\x89PNG")

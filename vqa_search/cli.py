@@ -121,6 +121,10 @@ def query(
     pretrained: Optional[str] = typer.Option(None, help="Refuse unless the index was built with these weights."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     sheet: Optional[Path] = typer.Option(None, help="Also draw a contact sheet of the results (PNG/JPG)."),
+    rerank: bool = typer.Option(False, "--rerank", help="Re-score the top results with the stage-2 re-ranker."),
+    reranker: Optional[Path] = typer.Option(None, help="Re-ranker file. Default: INDEX/reranker.safetensors"),
+    rerank_top: int = typer.Option(50, help="How many global results the re-ranker re-scores."),
+    explain: bool = typer.Option(False, "--explain", help="With --rerank: each word's most attended region."),
 ) -> None:
     """Find images (or captions) by text or by example image.
 
@@ -128,13 +132,22 @@ def query(
     Examples:
       vqa-search query "dog on beach" -k 5
       vqa-search query --image holiday.jpg --target captions --json
+      vqa-search query "two children, one on a bike" --rerank --explain --sheet hits.png
     """
     from vqa_search.retrieval.render import results_table, write_result_sheet
     from vqa_search.retrieval.searcher import Index
 
     _setup_logging()
+    if explain and not rerank:
+        raise UserError("--explain shows what the re-ranker attended to: add --rerank")
     searcher = Index.open(index_dir, model=model, pretrained=pretrained)
-    result = searcher.search(text=text, image=image, k=k, target=target, nprobe=nprobe)
+    if rerank:
+        from vqa_search.retrieval.rerank import QueryReranker
+
+        result = QueryReranker(searcher, reranker, rerank_top).search(text=text, image=image, k=k, target=target,
+                                                                     explain=explain)
+    else:
+        result = searcher.search(text=text, image=image, k=k, target=target, nprobe=nprobe)
     if sheet:
         write_result_sheet(searcher, result, sheet)
     if as_json:
@@ -195,6 +208,42 @@ def make_shapes(
         )
 
 
+@app.command()
+@_user_errors
+def regions(
+    dataset: Path = typer.Argument(..., help="Indexed dataset folder (or its index directory)."),
+    source: str = typer.Option("detector", help="detector | clip-patches (the index's CLIP ViT patches: cheaper)."),
+    detector: Optional[str] = typer.Option(None, help="frcnn-r50 | frcnn-mobilenet. Default: R50 on GPU, MobileNet on CPU."),
+    detector_weights: Optional[Path] = typer.Option(None, help="Detector state dict (.pth or .safetensors). Default: torchvision's cache."),
+    num_regions: Optional[int] = typer.Option(None, "--regions", help="Regions per image (default 36; clip-patches: one per patch)."),
+    batch_size: int = typer.Option(8, help="Images per batch."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Compute K region features per indexed image for the stage-2 re-ranker; run again to update.
+
+    \b
+    Examples:
+      vqa-search regions ./flickr8k --detector frcnn-mobilenet
+      vqa-search regions ./shapes --source clip-patches
+    """
+    from vqa_search.align.region_store import compute_regions
+    from vqa_search.align.regions import RegionConfig
+    from vqa_search.indexer.image_stream import default_workers
+
+    _setup_logging(quiet)
+    config = RegionConfig(
+        source=source, detector=detector, detector_weights=detector_weights, regions=num_regions,
+        batch_size=batch_size, workers=default_workers() if workers is None else workers, progress=not quiet,
+    )
+    report = compute_regions(dataset, config)
+    if as_json:
+        _print_json(report.to_json())
+    elif not quiet:
+        typer.echo(report.summary(), err=True)
+
+
 bench_app = typer.Typer(help="Benchmarks: recall@K on the Karpathy protocol, and reports of several runs.",
                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
@@ -220,6 +269,8 @@ def recall(
     append: Optional[Path] = typer.Option(None, help="Add the run to this results file (JSON lines) for `bench report`."),
     save_ranks: Optional[Path] = typer.Option(None, help="Write one JSON line per query with its rank."),
     plot: Optional[Path] = typer.Option(None, help="Draw recall@K curves, K = 1..50 (PNG)."),
+    reranker: Optional[Path] = typer.Option(None, help="Also a row with this stage-2 re-ranker on the same gallery."),
+    rerank_top: int = typer.Option(50, help="With --reranker: global candidates re-ranked per query."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Recall@K both ways on a split: the standard (Karpathy) protocol.
@@ -228,6 +279,7 @@ def recall(
     Examples:
       vqa-search bench recall ./flickr8k --split test --json recall.json
       vqa-search bench recall ./shapes --model vqa-tiny --pretrained none --append results.jsonl
+      vqa-search bench recall ./flickr8k --pretrained ft.safetensors --reranker flickr8k/.vqa-search/reranker.safetensors
     """
     from vqa_search.indexer.image_stream import default_workers
     from vqa_search.retrieval.recall import RecallConfig, run_recall
@@ -239,20 +291,26 @@ def recall(
         name=name, index=index_dir, captions=captions, images=images, batch_size=batch_size,
         workers=default_workers() if workers is None else workers, progress=not quiet,
     )
-    run = run_recall(dataset, config)
-    result = run.to_json()
+    runs = [run_recall(dataset, config)]
+    if reranker:
+        from vqa_search.indexer.store import DEFAULT_DIR_NAME
+        from vqa_search.retrieval.rerank import reranked_run
+
+        runs.append(reranked_run(runs[0], reranker, index_dir or dataset / DEFAULT_DIR_NAME, rerank_top))
+    results = [run.to_json() for run in runs]
     if save_ranks:
-        write_json_lines(save_ranks, run.rank_records())
+        write_json_lines(save_ranks, ({**record, "run": run.name} for run in runs for record in run.rank_records()))
     if append:
-        append_run(append, result)
+        for result in results:
+            append_run(append, result)
     if plot:
-        plot_curves([result], plot)
+        plot_curves(results, plot)
     if json_out == Path("-"):
-        _print_json(result)
+        _print_json(results[0] if len(results) == 1 else results)
         return
     if json_out:
-        write_json(json_out, result)
-    typer.echo(text_table(result))
+        write_json(json_out, results[0] if len(results) == 1 else results)
+    typer.echo("\n\n".join(text_table(result) for result in results))
 
 
 @bench_app.command()
@@ -283,6 +341,109 @@ def report(
 train_app = typer.Typer(help="Adapt CLIP to a collection: stage-1 fine-tuning and the stage-2 re-ranker.",
                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
+
+
+@train_app.command()
+@_user_errors
+def finetune(
+    dataset: Path = typer.Argument(..., help="Dataset folder with train and val splits and captions."),
+    out: Path = typer.Option(..., help="Checkpoint to write (.safetensors); the history JSON and curve PNG go beside it."),
+    model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name."),
+    pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="Starting weights: tag, checkpoint file, or 'none' (scratch)."),
+    epochs: int = typer.Option(12, help="Most epochs to train."),
+    batch_size: int = typer.Option(64, help="Image-caption pairs per step: the in-batch negatives."),
+    lr: float = typer.Option(1e-5, help="Peak learning rate (AdamW, warm-up then cosine decay)."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay, on weights of 2 or more dimensions."),
+    temperature: float = typer.Option(0.07, help="Starting softmax temperature (learned unless --fixed-temperature)."),
+    fixed_temperature: bool = typer.Option(False, "--fixed-temperature", help="Keep the temperature fixed."),
+    seed: int = typer.Option(42, help="Same seed, same run."),
+    unfreeze_last: int = typer.Option(0, help="Train only the last N blocks of each tower (CPU preset); 0: all."),
+    patience: int = typer.Option(3, help="Stop after this many epochs without a better val recall."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Stage 1: contrastive fine-tuning on the train split, keeping the epoch with the best val recall.
+
+    \b
+    Examples:
+      vqa-search train finetune ./flickr8k --out flickr8k-ft.safetensors --unfreeze-last 2
+      vqa-search train finetune ./shapes --out shapes.safetensors --model vqa-tiny --pretrained none --lr 1e-3 --epochs 20
+    """
+    from vqa_search.align.finetune import FinetuneConfig, finetune as train
+    from vqa_search.indexer.image_stream import default_workers
+
+    _setup_logging(quiet)
+    config = FinetuneConfig(
+        model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        temperature=temperature, learn_temperature=not fixed_temperature, seed=seed, unfreeze_last=unfreeze_last,
+        patience=patience, workers=default_workers() if workers is None else workers,
+    )
+    result = train(dataset, out, config, progress=not quiet)
+    if as_json:
+        _print_json(result.to_json())
+    elif not quiet:
+        best = result.best
+        typer.echo(
+            f"kept epoch {result.best_epoch} of {len(result.history)} (val mean recall {best['mean_recall']:.1f}, "
+            f"R@1 t2i {best['t2i']['R@1']:.1f} i2t {best['i2t']['R@1']:.1f}) in {result.checkpoint}; "
+            f"curve {result.curve}, history {result.history_path}; {result.seconds:.0f} s",
+            err=True,
+        )
+
+
+@train_app.command()
+@_user_errors
+def rerank(
+    dataset: Path = typer.Argument(..., help="Indexed dataset with train and val splits and computed regions."),
+    checkpoint: str = typer.Option(DEFAULT_PRETRAINED, help="The frozen CLIP: stage-1 checkpoint file or pretrained tag."),
+    model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name of the checkpoint."),
+    out: Optional[Path] = typer.Option(None, help="Re-ranker file. Default: INDEX/reranker.safetensors, used by `query --rerank`."),
+    regions: Optional[str] = typer.Option(None, help="Region set (frcnn-mobilenet, frcnn-r50, clip-patches). Default: the only one."),
+    lam: str = typer.Option("1.0", "--lambda", help="λ in s = s_global + λ·s_fine, or 'auto' to choose it on val."),
+    negatives: int = typer.Option(32, help="Hard negatives per caption, from the frozen CLIP's top ranks."),
+    region_mlp: int = typer.Option(0, help="Hidden width of a small MLP on the regions; 0: LayerNorm only."),
+    epochs: int = typer.Option(10, help="Most epochs to train."),
+    batch_size: int = typer.Option(64, help="Captions per step (their images are in-batch negatives)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
+    patience: int = typer.Option(3, help="Stop after this many epochs without a better val recall."),
+    top: int = typer.Option(50, "--rerank-top", help="Val: global candidates re-ranked per query."),
+    seed: int = typer.Option(42, help="Same seed, same run."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index directory. Default: DATASET/.vqa-search"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Stage 2: train the cross-attention re-ranker on a frozen CLIP and precomputed regions.
+
+    \b
+    Example:
+      vqa-search index ./flickr8k --pretrained flickr8k-ft.safetensors
+      vqa-search regions ./flickr8k
+      vqa-search train rerank ./flickr8k --checkpoint flickr8k-ft.safetensors --lambda auto
+    """
+    from vqa_search.align.train_rerank import RerankTrainConfig, train_reranker
+
+    _setup_logging(quiet)
+    config = RerankTrainConfig(
+        model=model, checkpoint=checkpoint, regions=regions, out=out, index=index_dir, lam=_parse_lambda(lam),
+        negatives=negatives, region_hidden=region_mlp, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, patience=patience, top=top, seed=seed, progress=not quiet,
+    )
+    result = train_reranker(dataset, config)
+    if as_json:
+        _print_json(result.to_json())
+    elif not quiet:
+        typer.echo(result.summary(), err=True)
+
+
+def _parse_lambda(text: str) -> float | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--lambda takes a number or 'auto' (got {text!r})") from None
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:

@@ -38,13 +38,17 @@ def supports_trimmed_text(model: torch.nn.Module) -> bool:
     )
 
 
+def text_input(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """Token plus position embeddings: the residual stream entering the first text block."""
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    return x + model.positional_embedding[: tokens.shape[1]].to(cast_dtype)
+
+
 def text_token_states(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     """Final-layer token states (after ln_final) for tokens cut to any length L <= context length."""
     length = tokens.shape[1]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.transformer(text_input(model, tokens), attn_mask=model.attn_mask[:length, :length])
     return model.ln_final(x)
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import open_clip
 import torch
+from safetensors import SafetensorError
 
 from vqa_search.errors import UserError
 
@@ -165,18 +166,22 @@ def _weights_cached(model_name: str, tag: str) -> bool:
 
 
 def _hub_reachable() -> bool:
-    """A name lookup answers at once offline; huggingface_hub would retry for about a minute."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
+    return host_reachable(_HUB_HOST)
+
+
+def host_reachable(host: str) -> bool:
+    """A name lookup answers at once offline; a download would retry for about a minute."""
     try:
-        socket.getaddrinfo(_HUB_HOST, 443)
+        socket.getaddrinfo(host, 443)
     except OSError:
         return False
     return True
 
 
 def _load_checkpoint_file(model: torch.nn.Module, path: Path, model_name: str) -> None:
-    state_dict = _read_state_dict(path)
+    state_dict = read_state_dict(path)
     state_dict = open_clip.factory.convert_state_dict(model, state_dict)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
@@ -187,7 +192,7 @@ def _load_checkpoint_file(model: torch.nn.Module, path: Path, model_name: str) -
         )
 
 
-def _read_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path) -> dict:
     """open_clip, OpenAI (TorchScript archive or plain) and this project's checkpoints, never unpickling code."""
     try:
         if _is_torchscript_archive(path):
@@ -195,7 +200,7 @@ def _read_state_dict(path: Path) -> dict:
             state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
         else:
             state_dict = open_clip.factory.load_state_dict(str(path), weights_only=True)
-    except (RuntimeError, OSError, ValueError, UnpicklingError, zipfile.BadZipFile) as error:
+    except (RuntimeError, OSError, ValueError, UnpicklingError, zipfile.BadZipFile, SafetensorError) as error:
         raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserError(f"checkpoint {path} holds no model weights")

@@ -8,15 +8,16 @@ padding masked) and an image with region features r_1..r_K:
     s_fine = (1/M) Σ_m t_mᵀ W_o v_m
     s      = s_global + λ · s_fine
 
-Only W_q, W_k, W_v, W_o and a LayerNorm on the regions (detector features come at any scale)
-train. W_o starts at zero, so an untrained re-ranker leaves CLIP's ranking exactly as it was.
+Only W_q, W_k, W_v, W_o and the projection of r_k (a LayerNorm, as detector features come at any
+scale, optionally followed by a small MLP) train. W_o starts at zero, so an untrained re-ranker
+leaves CLIP's ranking exactly as it was.
 Weights are stored as safetensors with the config in the metadata: no pickle.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,50 +34,81 @@ FORMAT = "vqa-search-reranker/1"
 @dataclass
 class RerankerConfig:
     token_dim: int  # D: CLIP's joint embedding space
-    region_dim: int  # F: detector box features + geometry, or CLIP patch width
+    region_dim: int  # F: detector box features + geometry, or CLIP patch tokens + geometry
     attention_dim: int = 256  # the space where W_q t_m meets W_k r_k
+    region_hidden: int = 0  # > 0: a small MLP on r_k (F -> hidden -> F) before W_k and W_v; 0: LayerNorm only
     lam: float = 1.0  # λ, the weight of s_fine; may be chosen on val and saved here
+    regions: str = ""  # the region set it was trained on (INDEX_DIR/regions/<name>)
+    clip: dict = field(default_factory=dict)  # identity of the frozen CLIP whose tokens it reads
 
 
 class CrossAttentionReranker(nn.Module):
     def __init__(self, config: RerankerConfig):
         super().__init__()
         self.config = config
-        self.region_norm = nn.LayerNorm(config.region_dim)
+        self.region_proj = _region_projection(config.region_dim, config.region_hidden)
         self.W_q = nn.Linear(config.token_dim, config.attention_dim, bias=False)
         self.W_k = nn.Linear(config.region_dim, config.attention_dim, bias=False)
         self.W_v = nn.Linear(config.region_dim, config.token_dim, bias=False)
         self.W_o = nn.Linear(config.token_dim, config.token_dim, bias=False)
         nn.init.zeros_(self.W_o.weight)
 
-    def attention(self, tokens: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        """α[c, i, m, k]: how much token m of caption c attends to region k of image i.
+    # Shapes: tokens (C, M, D) for C captions; token_mask (C, M) True for real tokens; regions
+    # (R, N, K, F) with R = C (N candidate images per caption) or R = 1 (the same N images for all).
 
-        tokens (C, M, D), regions (I, K, F).
-        """
-        queries = self.W_q(tokens)  # (C, M, A): W_q t_m
-        keys = self.W_k(self.region_norm(regions))  # (I, K, A): W_k r_k
-        logits = torch.einsum("cma,ika->cimk", queries, keys)
-        return logits.softmax(dim=-1)
+    def attention(self, tokens: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """α[c, n, m, k]: how much token m of caption c attends to region k of its n-th image."""
+        return self._attention(tokens, self.region_proj(regions))
 
     def fine_scores(self, tokens: torch.Tensor, token_mask: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-        """s_fine for every caption x image pair: (C, I).
+        """s_fine for every caption and candidate image: (C, N). Padding neither attends nor counts in 1/M.
 
-        token_mask (C, M) is True for real tokens; padding neither attends nor counts in 1/M.
+        t_mᵀ W_o v_m = Σ_k α_mk (W_oᵀ t_m)ᵀ (W_v r_k): the read-out is a second bilinear form of the
+        same (token, region) pairs, weighted by the attention.
         """
-        alpha = self.attention(tokens, regions)  # (C, I, M, K)
-        values = self.W_v(self.region_norm(regions))  # (I, K, D): W_v r_k
-        attended = torch.einsum("cimk,ikd->cimd", alpha, values)  # v_m for each pair
-        # t_mᵀ W_o v_m = (W_oᵀ t_m) · v_m; nn.Linear computes x W_oᵀ, so W_oᵀ t_m is t_m @ W_o.
-        read_out = tokens @ self.W_o.weight  # (C, M, D)
-        per_token = torch.einsum("cmd,cimd->cim", read_out, attended)
-        mask = token_mask.to(per_token.dtype)
-        return (per_token * mask[:, None, :]).sum(dim=-1) / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+        regions = self.region_proj(regions)
+        alpha = self._attention(tokens, regions)
+        read_out = _bilinear(tokens @ self.W_o.weight, self.W_v, regions)  # W_oᵀ t_m is t_m @ W_o
+        per_token = (alpha * read_out).sum(dim=-1)  # (C, N, M): t_mᵀ W_o v_m
+        mask = token_mask.to(per_token.dtype)[:, None, :]
+        return (per_token * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+
+    def _attention(self, tokens: torch.Tensor, projected_regions: torch.Tensor) -> torch.Tensor:
+        return _bilinear(self.W_q(tokens), self.W_k, projected_regions).softmax(dim=-1)  # t_mᵀ W_qᵀ W_k r_k
 
     def forward(self, global_scores: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor,
                 regions: torch.Tensor) -> torch.Tensor:
-        """s = s_global + λ · s_fine, for every caption x image pair."""
+        """s = s_global + λ · s_fine, for every caption and candidate image: (C, N)."""
         return global_scores + self.config.lam * self.fine_scores(tokens, token_mask, regions)
+
+
+def _region_projection(region_dim: int, hidden: int) -> nn.Module:
+    """Detector features come at any scale: normalise them; optionally let a small MLP re-mix them."""
+    if hidden <= 0:
+        return nn.LayerNorm(region_dim)
+    return nn.Sequential(nn.LayerNorm(region_dim), nn.Linear(region_dim, hidden), nn.GELU(),
+                         nn.Linear(hidden, region_dim))
+
+
+def _bilinear(queries: torch.Tensor, region_map: nn.Linear, regions: torch.Tensor) -> torch.Tensor:
+    """queries_mᵀ (W r_k) for every token m and region k: (C, N, M, K).
+
+    Two association orders give the same numbers: project every region (cheap for one image and
+    many captions, the image→caption query), or fold W into the queries and dot them with the raw
+    regions (cheap for one caption and many images: re-ranking a text query's top 50 never projects
+    50 x 36 detector features).
+    """
+    C, M, E = queries.shape
+    R, N, K, F = regions.shape
+    folded_cost = C * M * F * (E + N * K)
+    projected_cost = R * N * K * F * E + C * N * M * K * E
+    if folded_cost < projected_cost:
+        left, right = queries @ region_map.weight, regions  # Wᵀ q_m against the raw r_k
+    else:
+        left, right = queries, region_map(regions)  # q_m against W r_k
+    # One large matrix product per caption (all N·K regions at once) rather than N small ones.
+    products = left @ right.reshape(R, N * K, -1).transpose(1, 2)  # (C, M, N·K)
+    return products.reshape(C, M, N, K).transpose(1, 2)
 
 
 def save_reranker(model: CrossAttentionReranker, path: Path | str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -26,7 +27,8 @@ def default_workers() -> int:
 @dataclass
 class DecodedBatch:
     records: list[ImageRecord]  # every file of the batch, skipped ones with a reason
-    pixels: torch.Tensor | None  # one row per record without a reason, in order
+    # one row per record without a reason, in order; a list when sizes differ (detectors take any size)
+    pixels: torch.Tensor | list[torch.Tensor] | None
 
 
 class _ImageFiles(Dataset):
@@ -47,31 +49,39 @@ class _ImageFiles(Dataset):
         return replace(record, width=loaded.width, height=loaded.height), self.preprocess(loaded.image)
 
 
-def _collate(items) -> DecodedBatch:
+def _collate(items, stack: bool = True) -> DecodedBatch:
     records = [record for record, _ in items]
     pixels = [tensor for _, tensor in items if tensor is not None]
-    return DecodedBatch(records, torch.stack(pixels) if pixels else None)
+    if not pixels:
+        return DecodedBatch(records, None)
+    return DecodedBatch(records, torch.stack(pixels) if stack else pixels)
 
 
 def decoded_batches(
-    images_dir: Path, records: Sequence[ImageRecord], preprocess: Callable, batch_size: int, workers: int
+    images_dir: Path, records: Sequence[ImageRecord], preprocess: Callable, batch_size: int, workers: int,
+    stack: bool = True,
 ) -> Iterator[DecodedBatch]:
     loader = DataLoader(
         _ImageFiles(images_dir, records, preprocess),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=partial(_collate, stack=stack),
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None,
     )
     yield from loader
 
 
+def unindexed_records(paths: Sequence[str]) -> list[ImageRecord]:
+    """Records for decoding files outside an index, where file states are never stored."""
+    return [ImageRecord(FileState(path, 0, 0), sha256="") for path in paths]
+
+
 def embed_image_files(
     clip: Clip, images_dir: Path, paths: Sequence[str], batch_size: int, workers: int, progress: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Embed files without writing an index: (vector by path, reason by path for unreadable files)."""
-    records = [ImageRecord(FileState(path, 0, 0), sha256="") for path in paths]  # no index: state unused
+    records = unindexed_records(paths)
     vectors, skipped = {}, {}
     with tqdm(total=len(records), unit="img", desc="images", disable=not progress) as bar:
         for batch in decoded_batches(images_dir, records, clip.preprocess, batch_size, workers):

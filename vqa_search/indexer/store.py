@@ -89,6 +89,12 @@ class EmbeddingCache:
 
 
 class IndexDir:
+    """A directory committed in generations under one manifest; region sets reuse it with their own names."""
+
+    format_version = FORMAT_VERSION
+    what = "index"  # for error messages
+    command = "vqa-search index DATASET"  # what creates this directory
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
@@ -107,13 +113,13 @@ class IndexDir:
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise UserError(f"no index at {self.path}: run `vqa-search index DATASET` first") from None
+            raise UserError(f"no {self.what} at {self.path}: run `{self.command}` first") from None
         except (OSError, ValueError) as error:
             raise UserError(f"cannot read {self.manifest_path}: {error}") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") != self.format_version:
             raise UserError(
-                f"{self.path} has index format {manifest.get('format_version')}, this vqa-search reads "
-                f"{FORMAT_VERSION}: run `vqa-search index` again to rebuild it"
+                f"{self.path} has {self.what} format {manifest.get('format_version')}, this vqa-search reads "
+                f"{self.format_version}: run `{self.command}` again to rebuild it"
             )
         return manifest
 
@@ -220,37 +226,54 @@ class IndexDir:
 
 
 class ShardWriter:
-    """Buffers freshly computed rows and flushes them as numbered shards, by count or by time."""
+    """Buffers freshly computed rows and flushes them as numbered shards, by count or by time.
 
-    def __init__(self, directory: Path, kind: str, rows_per_shard: int = 1024, seconds_per_shard: float = 30.0):
+    A shard is one `.npy` per array (`{kind}-N.npy` for the index's vectors; named arrays such as
+    regions' features and boxes go to `{kind}-N.<name>.npy`) and `{kind}-N.parquet` with the rows,
+    written last: a shard counts once its parquet exists.
+    """
+
+    def __init__(self, directory: Path, kind: str, rows_per_shard: int = 1024, seconds_per_shard: float = 30.0,
+                 arrays: dict[str, type] | None = None, schema: pa.Schema | None = None):
         self.directory = directory
         self.kind = kind
         self.rows_per_shard = rows_per_shard
         self.seconds_per_shard = seconds_per_shard
+        self.arrays = arrays or {"": np.float32}  # array name ("" = the only one) -> dtype on disk
+        self.schema = schema if schema is not None else (IMAGE_RECORD_SCHEMA if kind == "images" else None)
         self._rows: list[dict] = []
-        self._vectors: list[np.ndarray] = []
+        self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
         self._last_flush = time.monotonic()
         existing = [int(p.stem.rsplit("-", 1)[1]) for p in directory.glob(f"{kind}-*.parquet")]
         self._next = max(existing, default=-1) + 1
 
-    def add(self, row: dict, vector: np.ndarray | None) -> None:
+    def add(self, row: dict, *arrays: np.ndarray | None) -> None:
+        """One row and its arrays, in the order of `self.arrays`; None for a row without any (a skipped file)."""
         self._rows.append(row)
-        if vector is not None:
-            self._vectors.append(vector)
+        for buffer, array in zip(self._buffers.values(), arrays):
+            if array is not None:
+                buffer.append(array)
         if len(self._rows) >= self.rows_per_shard or time.monotonic() - self._last_flush >= self.seconds_per_shard:
             self.flush()
 
     def flush(self) -> None:
         if not self._rows:
             return
-        stem = self.directory / f"{self.kind}-{self._next:06d}"
-        vectors = np.stack(self._vectors) if self._vectors else np.zeros((0, 0), np.float32)
-        _write_file(stem.with_suffix(".npy"), vectors.astype(np.float32))
-        schema = IMAGE_RECORD_SCHEMA if self.kind == "images" else None
-        _write_file(stem.with_suffix(".parquet"), pa.Table.from_pylist(self._rows, schema=schema))
+        stem = f"{self.kind}-{self._next:06d}"
+        for name, buffer in self._buffers.items():
+            dtype = self.arrays[name]
+            stacked = np.stack(buffer) if buffer else np.zeros((0, 0), dtype)
+            _write_file(self.directory / shard_file(stem, name), stacked.astype(dtype))
+        _write_file(self.directory / f"{stem}.parquet", pa.Table.from_pylist(self._rows, schema=self.schema))
         self._next += 1
-        self._rows, self._vectors = [], []
+        self._rows = []
+        self._buffers = {name: [] for name in self.arrays}
         self._last_flush = time.monotonic()
+
+
+def shard_file(stem: str, array: str = "") -> str:
+    """The .npy file name of one array of a shard."""
+    return f"{stem}.{array}.npy" if array else f"{stem}.npy"
 
 
 def _write_file(path: Path, content: object) -> None:

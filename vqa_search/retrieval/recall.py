@@ -25,7 +25,7 @@ from vqa_search.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
 from vqa_search.indexer.image_stream import default_workers, embed_image_files
 from vqa_search.indexer.store import DEFAULT_DIR_NAME, FileState, IndexDir
-from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, load_clip, resolve_identity
+from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.retrieval.faiss_index import build_faiss, choose_spec, search
 from vqa_search.retrieval.metrics import chance_recall, first_correct_ranks, recall_curve, summarize
 from vqa_search.retrieval.searcher import Index
@@ -118,12 +118,8 @@ def run_recall(dataset: Path | str, config: RecallConfig = RecallConfig()) -> Re
     identity = resolve_identity(config.model, config.pretrained)
     gallery = load_gallery(data, config, identity, IndexDir(config.index or Path(dataset) / DEFAULT_DIR_NAME))
 
-    t2i = first_correct_ranks(
-        gallery_scores(gallery.caption_vectors, gallery.image_vectors, config.index_type, config.nprobe),
-        gallery.caption_image, np.arange(len(gallery.images)))
-    i2t = first_correct_ranks(
-        gallery_scores(gallery.image_vectors, gallery.caption_vectors, config.index_type, config.nprobe),
-        np.arange(len(gallery.images)), gallery.caption_image)
+    ranks = gallery_ranks(gallery, config.index_type, config.nprobe)
+    t2i, i2t = ranks["t2i"], ranks["i2t"]
     captions_per_image = np.bincount(gallery.caption_image, minlength=len(gallery.images))
     return RecallRun(
         name=config.name or f"{config.model} {config.pretrained}",
@@ -149,54 +145,74 @@ def run_recall(dataset: Path | str, config: RecallConfig = RecallConfig()) -> Re
         seconds=time.perf_counter() - started,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         gallery=gallery,
-        ranks={"t2i": t2i, "i2t": i2t},
+        ranks=ranks,
     )
 
 
 def load_gallery(data: Dataset, config: RecallConfig, identity: ModelIdentity, index_dir: IndexDir) -> Gallery:
+    texts_of = split_texts(data, config.split)
+    reused = _vectors_from_index(index_dir, identity, data, texts_of)
+    if reused is not None:
+        image_vectors, caption_vectors = reused
+        return _gallery(texts_of, image_vectors, caption_vectors, data.split_missing.get(config.split, 0), {},
+                        "index")
+    log.info("embedding the %s split (%d images) with %s", config.split, len(texts_of), identity.describe())
+    return embed_gallery(load_clip(identity), data, config.split, config.batch_size, config.workers,
+                         config.progress)
+
+
+def split_texts(data: Dataset, split: str) -> dict[str, list[str]]:
+    """The captions of each image of `split` on disk, in split order; images without captions left out."""
     if not data.splits:
         raise UserError(
-            f"{data.root} has no split information: the recall protocol needs Karpathy's dataset_*.json "
-            "or the Flickr_8k.{train,dev,test}Images.txt files"
+            f"{data.root} has no split information: train/val/test splits come from Karpathy's "
+            "dataset_*.json or the Flickr_8k.{train,dev,test}Images.txt files"
         )
-    if config.split not in data.splits:
-        raise UserError(f"no {config.split!r} split in {data.root}; it has {', '.join(sorted(data.splits))}")
-    paths = data.splits[config.split]
-    texts_of: dict[str, list[str]] = {path: [] for path in paths}
+    if split not in data.splits:
+        raise UserError(f"no {split!r} split in {data.root}; it has {', '.join(sorted(data.splits))}")
+    texts_of: dict[str, list[str]] = {path: [] for path in data.splits[split]}
     for caption in data.captions:
         if caption.image in texts_of:
             texts_of[caption.image].append(caption.text)
-    paths = [path for path in paths if texts_of[path]]  # an image without captions has nothing to find
-    if not paths:
-        raise UserError(f"the {config.split} split of {data.root} has no captioned image on disk")
-    missing = data.split_missing.get(config.split, 0)
-
-    reused = _vectors_from_index(index_dir, identity, data, paths, texts_of)
-    if reused is not None:
-        image_vectors, caption_vectors = reused
-        return _gallery(paths, texts_of, image_vectors, caption_vectors, missing, {}, "index")
-    log.info("embedding the %s split (%d images) with %s", config.split, len(paths), identity.describe())
-    clip = load_clip(identity)
-    by_path, skipped = embed_image_files(clip, data.images_dir, paths, config.batch_size, config.workers,
-                                         config.progress)
-    paths = [path for path in paths if path in by_path]
-    if not paths:
-        raise UserError(f"no readable image in the {config.split} split of {data.root}")
-    texts = [text for path in paths for text in texts_of[path]]
-    caption_vectors = encode_texts(clip, texts)
-    image_vectors = np.stack([by_path[path] for path in paths])
-    return _gallery(paths, texts_of, image_vectors, caption_vectors, missing, skipped, "computed")
+    texts_of = {path: texts for path, texts in texts_of.items() if texts}  # an uncaptioned image has nothing to find
+    if not texts_of:
+        raise UserError(f"the {split} split of {data.root} has no captioned image on disk")
+    return texts_of
 
 
-def _gallery(paths: list[str], texts_of: dict[str, list[str]], image_vectors: np.ndarray,
-             caption_vectors: np.ndarray, missing: int, skipped: dict[str, str], source: str) -> Gallery:
-    caption_image = np.repeat(np.arange(len(paths)), [len(texts_of[path]) for path in paths])
-    return Gallery(paths, [text for path in paths for text in texts_of[path]], caption_image,
+def embed_gallery(clip: Clip, data: Dataset, split: str, batch_size: int = 64, workers: int = 0,
+                  progress: bool = False) -> Gallery:
+    """The split embedded now by a model in memory, no index involved (also validation during training)."""
+    texts_of = split_texts(data, split)
+    by_path, skipped = embed_image_files(clip, data.images_dir, list(texts_of), batch_size, workers, progress)
+    texts_of = {path: texts for path, texts in texts_of.items() if path in by_path}
+    if not texts_of:
+        raise UserError(f"no readable image in the {split} split of {data.root}")
+    caption_vectors = encode_texts(clip, [text for texts in texts_of.values() for text in texts])
+    image_vectors = np.stack([by_path[path] for path in texts_of])
+    return _gallery(texts_of, image_vectors, caption_vectors, data.split_missing.get(split, 0), skipped, "computed")
+
+
+def gallery_ranks(gallery: Gallery, index_type: str = "flat", nprobe: int | None = None) -> dict[str, np.ndarray]:
+    """Rank of each query's first correct item, text->image ("t2i") and image->text ("i2t")."""
+    images = np.arange(len(gallery.images))
+    return {
+        "t2i": first_correct_ranks(gallery_scores(gallery.caption_vectors, gallery.image_vectors, index_type, nprobe),
+                                   gallery.caption_image, images),
+        "i2t": first_correct_ranks(gallery_scores(gallery.image_vectors, gallery.caption_vectors, index_type, nprobe),
+                                   images, gallery.caption_image),
+    }
+
+
+def _gallery(texts_of: dict[str, list[str]], image_vectors: np.ndarray, caption_vectors: np.ndarray, missing: int,
+             skipped: dict[str, str], source: str) -> Gallery:
+    caption_image = np.repeat(np.arange(len(texts_of)), [len(texts) for texts in texts_of.values()])
+    return Gallery(list(texts_of), [text for texts in texts_of.values() for text in texts], caption_image,
                    np.asarray(image_vectors, np.float32), np.asarray(caption_vectors, np.float32),
                    missing, skipped, source)
 
 
-def _vectors_from_index(index_dir: IndexDir, identity: ModelIdentity, data: Dataset, paths: list[str],
+def _vectors_from_index(index_dir: IndexDir, identity: ModelIdentity, data: Dataset,
                         texts_of: dict[str, list[str]]) -> tuple[np.ndarray, np.ndarray] | None:
     """The index's vectors for the split, if they are exactly what embedding it now would give."""
     if not index_dir.exists():
@@ -209,7 +225,7 @@ def _vectors_from_index(index_dir: IndexDir, identity: ModelIdentity, data: Data
     caption_ids: dict[int, list[int]] = {}
     for caption_id, owner in enumerate(index.caption_image):
         caption_ids.setdefault(int(owner), []).append(caption_id)
-    for path in paths:
+    for path in texts_of:
         stat = (data.images_dir / path).stat()
         known = image_id.get(path)
         stored_texts = [index.caption_texts[c] for c in caption_ids.get(known, [])]
@@ -217,7 +233,7 @@ def _vectors_from_index(index_dir: IndexDir, identity: ModelIdentity, data: Data
         if known is None or index.image_states[known] != current or stored_texts != texts_of[path]:
             log.info("the index at %s is not up to date; embedding the split instead", index_dir.path)
             return None
-    image_rows = [image_id[path] for path in paths]
+    image_rows = [image_id[path] for path in texts_of]
     caption_rows = [c for row in image_rows for c in caption_ids[row]]
     return index.embeddings("images")[image_rows], index.embeddings("captions")[caption_rows]
 

@@ -91,8 +91,8 @@ def text_table(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: list[dict], out: Path) -> Path:
-    """Recall@K for K = 1..50, one line per run, one panel per direction."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only (Agg); plots are an optional extra, so say how to get it."""
     try:
         import matplotlib
 
@@ -100,6 +100,12 @@ def plot_curves(runs: list[dict], out: Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("plots need matplotlib: pip install 'vqa-search[plot]'") from None
+    return plt
+
+
+def plot_curves(runs: list[dict], out: Path) -> Path:
+    """Recall@K for K = 1..50, one line per run, one panel per direction."""
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, (direction, label) in zip(axes, DIRECTIONS.items()):
         for run in runs:

@@ -32,6 +32,7 @@ class Hit:
     caption: str | None  # the matched caption (target captions) or the image's first caption
     captions: list[str] = field(default_factory=list)
     caption_id: int | None = None  # set when the target is captions
+    explanation: list[dict] | None = None  # re-ranked with --explain: each word's most attended region
 
 
 @dataclass
@@ -41,7 +42,15 @@ class SearchResult:
     results: list[Hit]
 
     def to_json(self) -> dict:
-        return {"query": self.query, "target": self.target, "results": [asdict(hit) for hit in self.results]}
+        return {"query": self.query, "target": self.target, "results": [_hit_json(hit) for hit in self.results]}
+
+
+def _hit_json(hit: Hit) -> dict:
+    """A hit's fields; the explanation only when one was asked for (--rerank --explain)."""
+    fields = asdict(hit)
+    if fields["explanation"] is None:
+        del fields["explanation"]
+    return fields
 
 
 def find_index(start: Path | str | None = None, upwards: bool = True) -> Path:
@@ -155,6 +164,11 @@ class Index:
         nprobe: int | None = None,
     ) -> SearchResult:
         query_vector, query = self._query_vector(text, image)
+        return self.search_vector(query_vector, query, k, target, nprobe)
+
+    def search_vector(self, query_vector: np.ndarray, query: str, k: int = 10, target: str = "images",
+                      nprobe: int | None = None) -> SearchResult:
+        """Search with an embedding already computed (1, D), e.g. by the re-ranker, which needs the tokens too."""
         if k < 1:
             raise UserError(f"k must be at least 1 (got {k})")
         if target not in TARGETS:

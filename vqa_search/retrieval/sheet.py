@@ -28,6 +28,8 @@ ELLIPSIS = "..."  # the bitmap fallback font has no "…"
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 SAVE_OPTIONS = {"JPEG": {"quality": 90}}
 
+BOX_COLOUR = (255, 64, 0)
+
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont  # load_default() gives either, depending on FreeType
 
 
@@ -37,6 +39,7 @@ class SheetItem:
     rank: int
     score: float
     label: str = ""  # e.g. the first caption, drawn truncated under the thumbnail
+    boxes: tuple[tuple[str, tuple[float, float, float, float]], ...] = ()  # (word, box in image pixels)
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,27 @@ def _draw_sheet(items: Sequence[SheetItem], layout: SheetLayout, title: str) -> 
         draw.text((MARGIN, MARGIN), _fit(title, layout.size[0] - 2 * MARGIN, font), fill=TEXT_COLOUR, font=font)
     for index, item in enumerate(items):
         x, y = layout.cell_origin(index)
-        sheet.paste(_thumbnail(item.path, layout.thumb_size, font), (x, y))
+        sheet.paste(_thumbnail(item.path, layout.thumb_size, font, item.boxes), (x, y))
         _draw_caption(draw, item, (x, y + layout.thumb_size + TEXT_PADDING), layout.thumb_size, font)
     return sheet
 
 
-def _thumbnail(path: Path, size: int, font: Font) -> Image.Image:
-    """The photo scaled to fit, aspect kept, centred on light bars; a grey tile when it cannot be read."""
+def _thumbnail(path: Path, size: int, font: Font, boxes: Sequence = ()) -> Image.Image:
+    """The photo scaled to fit, aspect kept, centred on light bars; a grey tile when it cannot be read.
+
+    Labelled boxes (the re-ranker's attended regions) are drawn in the scaled picture's coordinates.
+    """
     try:
-        picture = ImageOps.contain(load_rgb(path).image, (size, size))
+        original = load_rgb(path).image
     except ImageSkipped as skipped:
         return _placeholder(size, str(skipped), font)
+    picture = ImageOps.contain(original, (size, size))
+    scale = picture.width / original.width
+    draw = ImageDraw.Draw(picture)
+    for word, box in boxes:
+        x1, y1, x2, y2 = (value * scale for value in box)
+        draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=2)
+        draw.text((x1 + 2, y1 + 1), word, fill=BOX_COLOUR, font=font)
     tile = Image.new("RGB", (size, size), THUMB_BACKGROUND)
     tile.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
     return tile

@@ -1,0 +1,272 @@
+"""Stage 2 training: the cross-attention re-ranker on a frozen CLIP and precomputed regions.
+
+Each train caption is scored against its own image, hard negatives (the images the frozen CLIP
+ranks highest for it) and the other images of the batch, with InfoNCE on s = s_global + λ·s_fine,
+as ALBEF and BLIP train their matching heads. Images that own a caption with the very same text
+are not negatives ("a red circle" fits many pictures) and are masked out of the softmax.
+After each epoch the val split is re-ranked with the recall protocol of `bench recall`; the best
+re-ranker is written as soon as it is found, so a crash loses at most the epoch under way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vqa_search.align.region_store import RegionSet
+from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, save_reranker
+from vqa_search.encode import autocast
+from vqa_search.errors import UserError
+from vqa_search.indexer.datasets import read_dataset
+from vqa_search.indexer.store import DEFAULT_DIR_NAME, IndexDir
+from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_clip, resolve_identity
+from vqa_search.retrieval.metrics import summarize
+from vqa_search.retrieval.recall import Gallery, RecallConfig, gallery_ranks, load_gallery
+from vqa_search.retrieval.rerank import (DEFAULT_TOP, RERANKER_FILE, FineInputs, caption_tokens, gallery_regions,
+                                         padded, reranked_ranks)
+
+log = logging.getLogger("vqa_search")
+
+LAMBDA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+KS = (1, 5, 10)
+
+
+@dataclass
+class RerankTrainConfig:
+    model: str = DEFAULT_MODEL
+    checkpoint: str = DEFAULT_PRETRAINED  # the frozen CLIP: a stage-1 checkpoint or a pretrained tag
+    regions: str | None = None  # region set name; None = the one computed for the index
+    out: Path | None = None  # default INDEX_DIR/reranker.safetensors, where `query --rerank` looks
+    index: Path | None = None  # default DATASET/.vqa-search
+    lam: float | None = 1.0  # None: train with 1.0, then choose λ on val from LAMBDA_GRID
+    negatives: int = 32
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    attention_dim: int = 256
+    region_hidden: int = 0  # > 0: a small MLP on the regions (RerankerConfig.region_hidden)
+    patience: int = 3
+    top: int = DEFAULT_TOP  # val: how many global candidates are re-ranked
+    seed: int = 42
+    train_split: str = "train"
+    val_split: str = "val"
+    progress: bool = True
+
+
+@dataclass
+class RerankTrainResult:
+    path: Path
+    lam: float
+    best_epoch: int
+    val_global: dict[str, dict[str, float]]  # val recall of the frozen CLIP alone
+    val_reranked: dict[str, dict[str, float]]  # val recall of the saved re-ranker
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "path": str(self.path)}
+
+    def summary(self) -> str:
+        before, after = self.val_global, self.val_reranked
+        return (f"re-ranker saved to {self.path} (epoch {self.best_epoch}, λ={self.lam:g}, {self.seconds:.0f} s); "
+                f"val R@1 text→image {before['t2i']['R@1']:.1f} → {after['t2i']['R@1']:.1f}, "
+                f"image→text {before['i2t']['R@1']:.1f} → {after['i2t']['R@1']:.1f}")
+
+
+@dataclass
+class TrainingSplit:
+    gallery: Gallery
+    inputs: FineInputs
+
+    @property
+    def global_scores(self) -> np.ndarray:
+        return self.gallery.caption_vectors @ self.gallery.image_vectors.T
+
+
+def train_reranker(dataset: Path | str, config: RerankTrainConfig = RerankTrainConfig()) -> RerankTrainResult:
+    started = time.perf_counter()
+    _check(config)
+    data = read_dataset(dataset)
+    index_dir = IndexDir(config.index or Path(dataset) / DEFAULT_DIR_NAME)
+    regions = RegionSet.open(index_dir.path, config.regions)
+    identity = resolve_identity(config.model, config.checkpoint)
+    clip = load_clip(identity)
+    clip.model.requires_grad_(False)
+
+    def split(name: str) -> TrainingSplit:
+        recall_config = RecallConfig(split=name, model=config.model, pretrained=config.checkpoint,
+                                     progress=config.progress)
+        gallery = load_gallery(data, recall_config, identity, index_dir)
+        inputs = FineInputs(caption_tokens(clip, gallery.caption_texts), gallery_regions(regions, gallery.images))
+        return TrainingSplit(gallery, inputs)
+
+    train, val = split(config.train_split), split(config.val_split)
+    torch.manual_seed(config.seed)
+    reranker = CrossAttentionReranker(RerankerConfig(
+        token_dim=train.inputs.tokens[0].shape[-1], region_dim=regions.feature_dim,
+        attention_dim=config.attention_dim, region_hidden=config.region_hidden,
+        lam=1.0 if config.lam is None else config.lam, regions=regions.name, clip=identity.to_json(),
+    )).to(clip.device)
+    out = Path(config.out or index_dir.path / RERANKER_FILE)
+    val_global = _summary(gallery_ranks(val.gallery))
+    log.info("val recall of the frozen CLIP: text→image R@1 %.1f, image→text R@1 %.1f",
+             val_global["t2i"]["R@1"], val_global["i2t"]["R@1"])
+
+    scale = float(clip.model.logit_scale.exp())  # the frozen CLIP's own temperature
+    trainer = RerankTrainer(reranker, train, scale, config, clip.device)
+    history, best, best_state, best_epoch, stale = [], -1.0, None, 0, 0
+    for epoch in range(1, config.epochs + 1):
+        epoch_started = time.perf_counter()
+        loss = trainer.epoch(epoch)
+        val_recall = _summary(reranked_ranks(reranker.eval(), val.global_scores, val.inputs,
+                                             val.gallery.caption_image, config.top))
+        score = sum(val_recall[direction][f"R@{k}"] for direction in ("t2i", "i2t") for k in KS)
+        history.append({"epoch": epoch, "loss": loss, "val": val_recall,
+                        "seconds": round(time.perf_counter() - epoch_started, 2)})
+        log.info("epoch %d: loss %.4f, val R@1 text→image %.2f, image→text %.2f (%.0f s)", epoch, loss,
+                 val_recall["t2i"]["R@1"], val_recall["i2t"]["R@1"], history[-1]["seconds"])
+        if score > best:
+            best, best_epoch, stale = score, epoch, 0
+            best_state = {name: value.clone() for name, value in reranker.state_dict().items()}
+            save_reranker(reranker, out)
+        else:
+            stale += 1
+            if stale >= config.patience:
+                log.info("no val improvement for %d epochs: stopping", stale)
+                break
+
+    reranker.load_state_dict(best_state)
+    if config.lam is None:
+        reranker.config.lam = _choose_lambda(reranker, val, config.top)
+        save_reranker(reranker, out)
+    val_reranked = _summary(reranked_ranks(reranker, val.global_scores, val.inputs, val.gallery.caption_image,
+                                           config.top))
+    return RerankTrainResult(out, reranker.config.lam, best_epoch, val_global, val_reranked, history,
+                             time.perf_counter() - started)
+
+
+class RerankTrainer:
+    """InfoNCE of each caption against its image, its hard negatives and the batch's other images,
+    and of each image of the batch against the batch's captions."""
+
+    def __init__(self, reranker: CrossAttentionReranker, train: TrainingSplit, scale: float, config: RerankTrainConfig,
+                 device: torch.device | str = "cpu"):
+        self.reranker, self.train, self.scale, self.config = reranker, train, scale, config
+        self.device = torch.device(device)
+        gallery = train.gallery
+        self.owner = torch.as_tensor(gallery.caption_image)
+        self.image_vectors = torch.as_tensor(gallery.image_vectors)
+        self.caption_vectors = torch.as_tensor(gallery.caption_vectors)
+        self.same_text = _images_sharing_text(gallery)
+        self.negatives = torch.as_tensor(mine_negatives(gallery, config.negatives, self.same_text))
+        self.optimizer = torch.optim.AdamW(reranker.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def epoch(self, number: int) -> float:
+        self.reranker.train()
+        order = torch.randperm(len(self.owner), generator=self.generator)
+        batches = [order[i:i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
+        total = 0.0
+        for captions in tqdm(batches, desc=f"stage 2, epoch {number}", unit="batch", leave=False,
+                             disable=not self.config.progress):
+            total += self.step(captions)
+        return total / len(batches)
+
+    def step(self, captions: torch.Tensor) -> float:
+        own = self.owner[captions]
+        candidates = torch.cat([own[:, None], self.negatives[captions], own[None].expand(len(own), -1)], dim=1)
+        tokens, mask = padded([self.train.inputs.tokens[c] for c in captions.tolist()], self.device)
+        regions = self.train.inputs.regions[candidates].to(self.device).float()
+        global_scores = torch.einsum("cd,cnd->cn", self.caption_vectors[captions], self.image_vectors[candidates])
+        with autocast(self.device):
+            scores = self.reranker(global_scores.to(self.device), tokens, mask, regions)
+        scores, not_negative = self.scale * scores.float(), self._not_negative(captions, candidates)
+        diagonal = torch.arange(len(captions), device=self.device)
+        text_to_image = F.cross_entropy(scores.masked_fill(not_negative, float("-inf")), torch.zeros_like(diagonal))
+        # The batch block scores every caption against every caption's image, so it also gives the
+        # image→caption loss; without it s_fine could learn caption-dependent offsets that are
+        # invisible to text→image ranking and ruin image→caption ranking.
+        block, block_mask = scores[:, -len(captions):], not_negative[:, -len(captions):].clone()
+        block_mask.fill_diagonal_(False)
+        image_to_text = F.cross_entropy(block.masked_fill(block_mask, float("-inf")).T, diagonal)
+        loss = (text_to_image + image_to_text) / 2
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def _not_negative(self, captions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Candidates other than position 0 that are the caption's image, or own a caption of the same text."""
+        masked = candidates == self.owner[captions][:, None]
+        for row, caption in enumerate(captions.tolist()):
+            shared = self.same_text.get(caption)
+            if shared:
+                masked[row] |= torch.isin(candidates[row], torch.as_tensor(list(shared)))
+        masked[:, 0] = False
+        return masked.to(self.device)
+
+
+def mine_negatives(gallery: Gallery, n: int, same_text: dict[int, set[int]], chunk: int = 4096) -> np.ndarray:
+    """For each caption, the n images the frozen CLIP ranks highest that are not correct answers to it."""
+    n = min(n, len(gallery.images) - 1)
+    out = np.empty((len(gallery.caption_texts), n), dtype=np.int64)
+    for start in range(0, len(out), chunk):
+        scores = gallery.caption_vectors[start:start + chunk] @ gallery.image_vectors.T
+        rows = np.arange(len(scores))
+        scores[rows, gallery.caption_image[start:start + chunk]] = -np.inf
+        for row in rows:
+            for image in same_text.get(start + row, ()):
+                scores[row, image] = -np.inf
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+        out[start:start + chunk] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def _images_sharing_text(gallery: Gallery) -> dict[int, set[int]]:
+    """caption -> other images that own a caption with exactly the same (normalised) text."""
+    owners: dict[str, set[int]] = {}
+    for text, image in zip(gallery.caption_texts, gallery.caption_image.tolist()):
+        owners.setdefault(" ".join(text.lower().split()), set()).add(image)
+    shared = {}
+    for caption, (text, image) in enumerate(zip(gallery.caption_texts, gallery.caption_image.tolist())):
+        others = owners[" ".join(text.lower().split())] - {image}
+        if others:
+            shared[caption] = others
+    return shared
+
+
+def _choose_lambda(reranker: CrossAttentionReranker, val: TrainingSplit, top: int) -> float:
+    """The λ of LAMBDA_GRID with the best val text→image recall (R@1 + R@5 + R@10)."""
+    results = {}
+    for lam in LAMBDA_GRID:
+        reranker.config.lam = lam
+        t2i = summarize(reranked_ranks(reranker, val.global_scores, val.inputs, val.gallery.caption_image,
+                                       top)["t2i"], KS)
+        results[lam] = sum(t2i[f"R@{k}"] for k in KS)
+    log.info("val text→image R@1+5+10 by λ: %s",
+             ", ".join(f"{lam:g}: {score:.1f}" for lam, score in results.items()))
+    return max(results, key=results.get)
+
+
+def _summary(ranks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    return {direction: {key: value for key, value in summarize(ranks[direction], KS).items() if key.startswith("R@")}
+            for direction in ("t2i", "i2t")}
+
+
+def _check(config: RerankTrainConfig) -> None:
+    for name in ("negatives", "epochs", "batch_size", "top", "patience"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(config, name)})")
+    if config.lam is not None and config.lam <= 0:
+        raise UserError(f"--lambda must be positive, or 'auto' to choose it on val (got {config.lam:g})")
