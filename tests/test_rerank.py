@@ -89,7 +89,7 @@ def test_text_query_rerank_equals_rescoring_the_top_pair_by_pair(world, tmp_path
         ((naive_pair_score(model, query_tokens, hit.score, regions.features([regions.row_of(hit.image)])[0]), hit.image)
          for hit in plain.results[:TOP]), reverse=True)
     assert [hit.image for hit in result.results[:TOP]] == [image for _, image in expected]
-    assert [hit.score for hit in result.results[:TOP]] == pytest.approx([score for score, _ in expected], abs=1e-5)
+    assert [hit.score for hit in result.results[:TOP]] == pytest.approx([score for score, _ in expected], rel=1e-5)
     assert [hit.image for hit in result.results[TOP:]] == [hit.image for hit in plain.results[TOP:]]
     assert [hit.rank for hit in result.results] == list(range(1, 11))
     words = [item["word"] for item in result.results[0].explanation]
@@ -163,6 +163,32 @@ def test_mined_negatives_are_the_best_wrong_images():
 
     assert same_text == {0: {2}, 2: {0}}  # "red" fits images a and c: neither is the other's negative
     assert negatives.tolist() == [[3, 1], [3, 2], [1, 3], [2, 1]]
+
+
+def test_training_scores_equal_the_models_forward():
+    torch.manual_seed(0)
+    images, captions = 6, 12
+    gallery = Gallery([f"{i}.png" for i in range(images)], [f"caption {c}" for c in range(captions)],
+                      np.repeat(np.arange(images), 2), np.random.default_rng(0).standard_normal((images, 8), np.float32),
+                      np.random.default_rng(1).standard_normal((captions, 8), np.float32), 0, {}, "test")
+    tokens = [torch.randn(length, 8).half() for length in (3, 5, 2, 4, 6, 1, 3, 2, 5, 4, 3, 2)]
+    regions = torch.randn(images, 4, 5).half()
+    model = CrossAttentionReranker(RerankerConfig(token_dim=8, region_dim=5, attention_dim=3, lam=0.6, region_hidden=7))
+    with torch.no_grad():
+        model.W_o.weight.normal_()
+    trainer = train_rerank.RerankTrainer(model, train_rerank.TrainingSplit(gallery, FineInputs(tokens, regions)), 10.0,
+                                         RerankTrainConfig(negatives=2, progress=False))
+    batch = torch.tensor([0, 5, 7])
+    candidates = torch.tensor([[0, 3, 1, 0, 2], [2, 4, 4, 1, 3], [3, 3, 0, 5, 1]])
+
+    scores = trainer.scores(batch, candidates)
+
+    padded_tokens = torch.nn.utils.rnn.pad_sequence([tokens[c].float() for c in batch.tolist()], batch_first=True)
+    mask = torch.arange(padded_tokens.shape[1])[None] < torch.tensor([len(tokens[c]) for c in batch.tolist()])[:, None]
+    global_scores = torch.einsum("cd,cnd->cn", torch.as_tensor(gallery.caption_vectors)[batch],
+                                 torch.as_tensor(gallery.image_vectors)[candidates])
+    expected = model(global_scores, padded_tokens, mask, regions[candidates].float())
+    torch.testing.assert_close(scores, expected)
 
 
 @pytest.fixture(scope="module")

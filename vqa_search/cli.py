@@ -145,7 +145,7 @@ def query(
         from vqa_search.retrieval.rerank import QueryReranker
 
         result = QueryReranker(searcher, reranker, rerank_top).search(text=text, image=image, k=k, target=target,
-                                                                     explain=explain)
+                                                                     nprobe=nprobe, explain=explain)
     else:
         result = searcher.search(text=text, image=image, k=k, target=target, nprobe=nprobe)
     if sheet:

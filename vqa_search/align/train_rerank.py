@@ -184,12 +184,7 @@ class RerankTrainer:
     def step(self, captions: torch.Tensor) -> float:
         own = self.owner[captions]
         candidates = torch.cat([own[:, None], self.negatives[captions], own[None].expand(len(own), -1)], dim=1)
-        tokens, mask = padded([self.train.inputs.tokens[c] for c in captions.tolist()], self.device)
-        regions = self.train.inputs.regions[candidates].to(self.device).float()
-        global_scores = torch.einsum("cd,cnd->cn", self.caption_vectors[captions], self.image_vectors[candidates])
-        with autocast(self.device):
-            scores = self.reranker(global_scores.to(self.device), tokens, mask, regions)
-        scores, not_negative = self.scale * scores.float(), self._not_negative(captions, candidates)
+        scores, not_negative = self.scale * self.scores(captions, candidates), self._not_negative(captions, candidates)
         diagonal = torch.arange(len(captions), device=self.device)
         text_to_image = F.cross_entropy(scores.masked_fill(not_negative, float("-inf")), torch.zeros_like(diagonal))
         # The batch block scores every caption against every caption's image, so it also gives the
@@ -204,6 +199,19 @@ class RerankTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss.item()
+
+    def scores(self, captions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """s = s_global + λ·s_fine of each caption against its candidate images (C, N), as the model's forward
+        computes it, but projecting each distinct image once: hard negatives and batch images repeat."""
+        tokens, mask = padded([self.train.inputs.tokens[c] for c in captions.tolist()], self.device)
+        global_scores = torch.einsum("cd,cnd->cn", self.caption_vectors[captions], self.image_vectors[candidates])
+        images, position = candidates.unique(return_inverse=True)
+        with autocast(self.device):
+            regions = self.reranker.project_regions(self.train.inputs.regions[images].to(self.device).float())
+            # F.embedding is the gather whose backward is fast on CPU (indexing's scatter-add is not).
+            gathered = F.embedding(position.to(self.device), regions.flatten(1)).unflatten(-1, regions.shape[1:])
+            fine = self.reranker.projected_fine_scores(tokens, mask, gathered)
+        return global_scores.to(self.device) + self.reranker.config.lam * fine.float()
 
     def _not_negative(self, captions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Candidates other than position 0 that are the caption's image, or own a caption of the same text."""

@@ -130,7 +130,7 @@ class QueryReranker:
                             f"region set {self.regions.name!r} has {self.regions.feature_dim}-d ones")
 
     def search(self, text: str | None = None, image: Path | str | None = None, k: int = 10,
-               target: str = "images", explain: bool = False) -> SearchResult:
+               target: str = "images", nprobe: int | None = None, explain: bool = False) -> SearchResult:
         if (text is not None and target != "images") or (image is not None and target != "captions"):
             raise UserError("--rerank re-scores text→image and image→caption queries only")
         if text is not None:
@@ -139,9 +139,9 @@ class QueryReranker:
             # One text forward gives both the tokens and, at the end-of-text token, the global query.
             tokens = caption_tokens(self.index.clip, [text.strip()], dtype=torch.float32)
             query = F.normalize(tokens[0][-1], dim=-1)[None].numpy()
-            result = self.index.search_vector(query, text.strip(), k=max(k, self.top), target=target)
+            result = self.index.search_vector(query, text.strip(), max(k, self.top), target, nprobe)
         else:
-            result = self.index.search(image=image, k=max(k, self.top), target=target)
+            result = self.index.search(image=image, k=max(k, self.top), target=target, nprobe=nprobe)
         candidates, rest = result.results[:self.top], result.results[self.top:]
         if not candidates:
             return result
