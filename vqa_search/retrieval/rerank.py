@@ -119,11 +119,7 @@ class QueryReranker:
         if not path.is_file():
             raise UserError(f"no re-ranker at {path}: train one with `vqa-search train rerank DATASET`, "
                             "or pass --reranker FILE")
-        self.model = load_reranker(path).eval()
-        trained_with = ModelIdentity.from_json(self.model.config.clip)
-        if not trained_with.same_weights(index.identity):
-            raise UserError(f"the re-ranker {path} reads tokens of {trained_with.describe()}, but the index was "
-                            f"built with {index.identity.describe()}")
+        self.model = load_reranker_for(path, index.identity)
         self.regions = RegionSet.open(index.dir.path, self.model.config.regions)
         if self.regions.feature_dim != self.model.config.region_dim:
             raise UserError(f"the re-ranker {path} expects {self.model.config.region_dim}-d regions, but the "
@@ -152,7 +148,7 @@ class QueryReranker:
             tokens = caption_tokens(self.index.clip, [hit.caption for hit in candidates], dtype=torch.float32)
             features, boxes = self._image_regions(image)
             regions = torch.as_tensor(features)[None, None]
-        scores, alpha = self._score(candidates, tokens, regions)
+        scores, alpha = self._score(candidates, tokens, regions, explain)
         order = np.argsort(-scores, kind="stable")
         reranked = []
         for rank, position in enumerate(order, start=1):
@@ -168,13 +164,16 @@ class QueryReranker:
         return result
 
     @torch.no_grad()
-    def _score(self, candidates: list[Hit], tokens: list[torch.Tensor], regions: torch.Tensor):
-        """s for every candidate, and α[candidate, m, k] for --explain."""
+    def _score(self, candidates: list[Hit], tokens: list[torch.Tensor], regions: torch.Tensor, explain: bool):
+        """s for every candidate, and with --explain α[candidate, m, k]."""
         batch, mask = padded(tokens)
-        alpha = self.model.attention(batch, regions)  # (1, N, M, K) for a text, (N, 1, M, K) for an image
         fine = self.model.fine_scores(batch, mask, regions).reshape(-1)
         global_scores = torch.tensor([hit.score for hit in candidates])
-        return (global_scores + self.model.config.lam * fine).numpy(), alpha.reshape(len(candidates), *alpha.shape[2:])
+        scores = (global_scores + self.model.config.lam * fine).numpy()
+        if not explain:
+            return scores, None
+        alpha = self.model.attention(batch, regions)  # (1, N, M, K) for a text, (N, 1, M, K) for an image
+        return scores, alpha.reshape(len(candidates), *alpha.shape[2:])
 
     def _image_regions(self, image: Path | str) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -205,13 +204,21 @@ def _words(clip: Clip, text: str) -> list[str | None]:
     return [None] + words[1:-1] + [None]
 
 
-def reranked_run(run: RecallRun, reranker_path: Path | str, index_dir: Path | str, top: int = DEFAULT_TOP) -> RecallRun:
+def load_reranker_for(path: Path | str, identity: ModelIdentity) -> CrossAttentionReranker:
+    """The re-ranker at `path`, refused unless it was trained on the tokens of the CLIP `identity`."""
+    reranker = load_reranker(path).eval()
+    trained_with = ModelIdentity.from_json(reranker.config.clip)
+    if not trained_with.same_weights(identity):
+        raise UserError(f"the re-ranker {path} reads tokens of {trained_with.describe()}, not of "
+                        f"{identity.describe()} (the index's or the benchmark's model)")
+    return reranker
+
+
+def reranked_run(run: RecallRun, reranker_path: Path | str, index_dir: Path | str,
+                 top: int = DEFAULT_TOP) -> RecallRun:
     """The same split and gallery as `run`, with the global top N re-ranked: the gain is stage 2's alone."""
-    reranker = load_reranker(reranker_path).eval()
     identity = ModelIdentity(run.model, run.pretrained, run.sha256)
-    if not ModelIdentity.from_json(reranker.config.clip).same_weights(identity):
-        raise UserError(f"the re-ranker {reranker_path} was trained on the tokens of "
-                        f"{ModelIdentity.from_json(reranker.config.clip).describe()}, not {identity.describe()}")
+    reranker = load_reranker_for(reranker_path, identity)
     started = time.perf_counter()
     regions = RegionSet.open(index_dir, reranker.config.regions)
     gallery = run.gallery
