@@ -28,7 +28,7 @@ from vqa_search.retrieval.recall import RecallConfig, run_recall
 from vqa_search.retrieval.rerank import reranked_run
 from vqa_search.shapes import ShapesConfig, make_shapes
 
-STAGE1 = dict(epochs=20, batch_size=128, lr=1e-3, weight_decay=0.1, patience=5)  # from scratch: a large lr
+STAGE1 = dict(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.1, patience=8)  # from scratch: a large lr
 STAGE2 = dict(epochs=4, batch_size=64, negatives=2, region_hidden=256, lr=1e-3, patience=2)
 
 
