@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from vqa_search.models import TINY_MODEL
@@ -37,6 +38,17 @@ def write_captions(path: Path, rows: list[tuple[str, str]]) -> Path:
         writer.writerow(["image", "caption"])
         writer.writerows(rows)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine the two
+    spin waiting for each other: test_finetune.py took 219 s with two threads next to one busy
+    process, 11 s with one; a small detector forward 2 s instead of 20 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

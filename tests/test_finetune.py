@@ -31,14 +31,7 @@ SHORT = FinetuneConfig(**TINY, lr=1e-3, batch_size=64, epochs=1)
 TIMINGS = ("seconds", "val_seconds")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A width-64 model gains nothing from two intra-op threads, and on a busy 2-core machine they spin:
-    measured 219 s for this file with two threads next to one busy process, 11 s with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,7 @@ from vqa_search.models import load_clip, resolve_identity
 SMALL = 96  # the detector's input side in tests: same code path, a fraction of the cost
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Inputs this small gain nothing from a second thread, and on a busy 2-core machine waiting for it
-    costs 100x (2 s instead of 20 ms per detector forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -180,8 +181,13 @@ class QueryReranker:
             loaded = load_rgb(Path(image))
         except ImageSkipped as skipped:
             raise UserError(f"cannot read query image {image}: {skipped}") from None
-        features, boxes = self.regions.extractor().extract([loaded.image])
+        features, boxes = self._extractor.extract([loaded.image])
         return features[0], boxes
+
+    @cached_property
+    def _extractor(self):
+        """Built on the first image query and kept: a detector takes a while to load."""
+        return self.regions.extractor()
 
     def _explain(self, text: str, alpha: torch.Tensor, boxes: np.ndarray) -> list[dict]:
         """For each word of the caption, the region it attended to most (start/end tokens left out)."""
