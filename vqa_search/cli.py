@@ -122,7 +122,7 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     sheet: Optional[Path] = typer.Option(None, help="Also draw a contact sheet of the results (PNG/JPG)."),
     rerank: bool = typer.Option(False, "--rerank", help="Re-score the top results with the stage-2 re-ranker."),
-    reranker: Optional[Path] = typer.Option(None, help="Re-ranker file. Default: INDEX/reranker.safetensors"),
+    reranker: Optional[Path] = typer.Option(None, help="Re-ranker file (implies --rerank). Default: INDEX/reranker.safetensors"),
     rerank_top: int = typer.Option(50, help="How many global results the re-ranker re-scores."),
     explain: bool = typer.Option(False, "--explain", help="With --rerank: each word's most attended region."),
 ) -> None:
@@ -138,6 +138,7 @@ def query(
     from vqa_search.retrieval.searcher import Index
 
     _setup_logging()
+    rerank = rerank or reranker is not None
     if explain and not rerank:
         raise UserError("--explain shows what the re-ranker attended to: add --rerank")
     searcher = Index.open(index_dir, model=model, pretrained=pretrained)
