@@ -159,6 +159,33 @@ def query(
 
 @app.command()
 @_user_errors
+def ask(
+    image: Path = typer.Argument(..., help="The picture the question is about."),
+    question: str = typer.Argument(..., help="e.g. \"what color is the dog's collar?\""),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for caption evidence. Default: found from here upwards (optional with --head)."),
+    head: Optional[Path] = typer.Option(None, help="Answer head from `train vqa` (.safetensors)."),
+    top: int = typer.Option(5, help="How many of the head's answers to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print both answers, with scores, as JSON."),
+) -> None:
+    """Answer a question about an image: a trained head's answers and the index's caption evidence.
+
+    \b
+    Examples:
+      vqa-search ask photo.jpg "how many people are on the bench?" --head vqa-head.safetensors
+      vqa-search ask shapes/Images/shape_000123.png "what color is the star?" --index shapes --json
+    """
+    from vqa_search.vqa.ask import ask as answer
+
+    _setup_logging()
+    result = answer(image, question, index_dir=index_dir, head=head, top=top)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        typer.echo(result.text())
+
+
+@app.command()
+@_user_errors
 def export(
     index_dir: Path = typer.Argument(..., metavar="DIR", help="Index directory (or the dataset folder holding it)."),
     out: Path = typer.Option(..., help="Output file: .npz or .parquet"),
@@ -339,6 +366,42 @@ def report(
         typer.echo(table, nl=False)
 
 
+@bench_app.command("vqa")
+@_user_errors
+def bench_vqa(
+    data: Path = typer.Argument(..., help="VQA data: a vqa.jsonl file or folder, or a VQA v2 folder (questions + annotations)."),
+    head: Optional[Path] = typer.Option(None, help="Answer head from `train vqa` (modes head and both)."),
+    split: str = typer.Option("val", help="train | val | test"),
+    mode: str = typer.Option("head", help="head | captions | both (captions: answers read from the index's captions)."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for captions mode. Default: DATA/.vqa-search"),
+    images: Optional[Path] = typer.Option(None, help="Images folder, when image paths are not relative to DATA."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-': stdout)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Official VQA accuracy overall and by question type, exact match, and the majority-answer baseline.
+
+    \b
+    Examples:
+      vqa-search bench vqa ./shapes --head shapes-head.safetensors --split test --mode both
+      vqa-search bench vqa ./vqa2 --head vqa2-head.safetensors --images ./coco --json vqa.json
+    """
+    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.vqa.bench import VqaBenchConfig, accuracy_table, run_vqa_bench
+
+    _setup_logging(quiet)
+    config = VqaBenchConfig(head=head, split=split, mode=mode, index=index_dir, images=images, batch_size=batch_size,
+                            workers=default_workers() if workers is None else workers, progress=not quiet)
+    results = run_vqa_bench(data, config)
+    if json_out == Path("-"):
+        _print_json(results)
+        return
+    if json_out:
+        write_json(json_out, results)
+    typer.echo(accuracy_table(results))
+
+
 train_app = typer.Typer(help="Adapt CLIP to a collection: stage-1 fine-tuning and the stage-2 re-ranker.",
                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
@@ -432,6 +495,57 @@ def rerank(
         weight_decay=weight_decay, patience=patience, top=top, seed=seed, progress=not quiet,
     )
     result = train_reranker(dataset, config)
+    if as_json:
+        _print_json(result.to_json())
+    elif not quiet:
+        typer.echo(result.summary(), err=True)
+
+
+@train_app.command("vqa")
+@_user_errors
+def train_vqa(
+    data: Path = typer.Argument(..., help="VQA data with train and val splits: vqa.jsonl (file or folder) or a VQA v2 folder."),
+    out: Path = typer.Option(..., help="Head file to write (.safetensors); the history JSON and curve PNG go beside it."),
+    variant: str = typer.Option("dual-attention", help="baseline | dual-concat | dual-attention"),
+    model: str = typer.Option(DEFAULT_MODEL, help="CLIP for the global image and question embeddings."),
+    pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="Its weights: tag, stage-1 checkpoint, or 'none'."),
+    local_model: str = typer.Option("ViT-B-16", help="Dual variants: the second, local-detail image encoder (a ViT)."),
+    local_pretrained: str = typer.Option("laion2b_s34b_b88k", help="Its weights: tag, checkpoint file, or 'none'."),
+    unfreeze_last: int = typer.Option(0, help="Train the local encoder's last N blocks too; 0: frozen."),
+    epochs: int = typer.Option(20, help="Most epochs to train."),
+    batch_size: int = typer.Option(256, help="Questions per step (whole images)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate of the head (AdamW, warm-up then cosine)."),
+    local_lr: Optional[float] = typer.Option(None, help="Learning rate of the local encoder's blocks. Default: lr / 10."),
+    weight_decay: float = typer.Option(1e-2, help="AdamW weight decay."),
+    dropout: float = typer.Option(0.3, help="Dropout in the head's MLP."),
+    loss: str = typer.Option("bce", help="bce (soft scores, the VQA v2 recipe) | ce (softmax over answers)."),
+    vocab_size: int = typer.Option(3129, help="Answers kept: the most frequent of the train split."),
+    patience: int = typer.Option(4, help="Stop after this many epochs without a better val accuracy."),
+    seed: int = typer.Option(42, help="Same seed, same run."),
+    images: Optional[Path] = typer.Option(None, help="Images folder, when image paths are not relative to DATA."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train an answer head on frozen CLIP features (and, optionally, the local encoder's last blocks).
+
+    \b
+    Examples:
+      vqa-search train vqa ./vqa2 --images ./coco --out vqa2-head.safetensors --variant baseline
+      vqa-search train vqa ./shapes --out shapes-head.safetensors --model vqa-tiny --pretrained stage1.safetensors \\
+          --local-model vqa-tiny --local-pretrained stage1.safetensors --unfreeze-last 2
+    """
+    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.vqa.train import VqaTrainConfig, train_vqa as train
+
+    _setup_logging(quiet)
+    config = VqaTrainConfig(
+        variant=variant, model=model, pretrained=pretrained, local_model=local_model,
+        local_pretrained=local_pretrained, unfreeze_last=unfreeze_last, epochs=epochs, batch_size=batch_size, lr=lr,
+        local_lr=local_lr, weight_decay=weight_decay, dropout=dropout, loss=loss, vocab_size=vocab_size,
+        patience=patience, seed=seed, images=images, workers=default_workers() if workers is None else workers,
+    )
+    result = train(data, out, config, progress=not quiet)
     if as_json:
         _print_json(result.to_json())
     elif not quiet:

@@ -129,7 +129,7 @@ def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = Fine
     batch_size = min(config.batch_size, len(images.paths))
     steps = len(images.paths) // batch_size
     optimizer = _optimizer(clip.model, config)
-    schedule = _cosine_with_warmup(optimizer, steps * config.epochs, config.warmup)
+    schedule = cosine_with_warmup(optimizer, steps * config.epochs, config.warmup)
     scaler = torch.amp.GradScaler(clip.device.type, enabled=clip.device.type == "cuda")
     history_path, curve = _beside(out, ".history.json"), _beside(out, ".curve.png")
     log.info("fine-tuning %s on %d images (%d captions), %d batches of %d per epoch%s", identity.describe(),
@@ -234,9 +234,14 @@ def image_prefix(model: CLIP, pixels: torch.Tensor, blocks: int) -> torch.Tensor
 
 def image_suffix(model: CLIP, stream: torch.Tensor, blocks: int) -> torch.Tensor:
     """Image features from the stream entering block `blocks`: the remaining blocks, pooling, projection."""
+    return image_suffix_tokens(model, stream, blocks)[0]
+
+
+def image_suffix_tokens(model: CLIP, stream: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """image_suffix, and the patch tokens after ln_post (B, patches, width) that the pooling leaves."""
     visual = model.visual
-    pooled, _ = visual._pool(_run_blocks(visual.transformer.resblocks[blocks:], stream))
-    return pooled @ visual.proj if visual.proj is not None else pooled
+    pooled, tokens = visual._pool(_run_blocks(visual.transformer.resblocks[blocks:], stream))
+    return (pooled @ visual.proj if visual.proj is not None else pooled), tokens
 
 
 def text_prefix(model: CLIP, tokens: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -391,7 +396,7 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
         return torch.optim.AdamW(groups, **options)
 
 
-def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,
                         warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to zero over the planned epochs (early stopping just cuts it short)."""
     warmup = int(total_steps * warmup_fraction)

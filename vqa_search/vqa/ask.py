@@ -1,0 +1,94 @@
+"""`ask IMAGE "question"`: a trained head's answers, and the evidence of the index's captions.
+
+The two ways answer independently, and both are shown: the head picks from its fixed vocabulary
+(fast, trained), the captions say what people wrote about this image or, when it is not indexed,
+about its nearest indexed neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vqa_search.errors import UserError
+from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.vqa.captions import CaptionAnswer
+
+DEFAULT_TOP_ANSWERS = 5
+
+
+@dataclass
+class AskResult:
+    image: Path
+    question: str
+    head_answers: list[dict] | None  # [{"answer", "probability"}], most probable first; None without a head
+    captions: CaptionAnswer | None  # None without an index
+
+    def to_json(self) -> dict:
+        return {"image": str(self.image), "question": self.question, "head": self.head_answers,
+                "captions": None if self.captions is None else self.captions.to_json()}
+
+    def text(self) -> str:
+        lines = [f"Q: {self.question}"]
+        if self.head_answers is not None:
+            answers = ", ".join(f"{item['answer']} ({item['probability']:.2f})" for item in self.head_answers)
+            lines.append(f"head: {answers}")
+        if self.captions is not None:
+            if self.captions.evidence:
+                best = self.captions.evidence[0]
+                source = "its own caption" if best.own else f"caption of a similar image, {best.image}"
+                lines.append(f"captions: {self.captions.answer or '(no short answer)'}, from {source}: "
+                             f"\"{best.caption}\" ({best.score:.3f})")
+                lines += [f"  {item.score:.3f}  {item.caption}" for item in self.captions.evidence[1:]]
+            else:
+                lines.append("captions: none found")
+        return "\n".join(lines)
+
+
+def ask(image: Path | str, question: str, index_dir: Path | str | None = None, head: Path | str | None = None,
+        top: int = DEFAULT_TOP_ANSWERS) -> AskResult:
+    """Caption evidence from the index at `index_dir` (default: found from the current folder upwards;
+    with a head, no index is fine), and the head's `top` answers when a head file is given."""
+    image, question = Path(image), question.strip()
+    if not question:
+        raise UserError("the question is empty")
+    if head is not None and not Path(head).is_file():
+        raise UserError(f"head file not found: {head} (train one with `vqa-search train vqa`)")
+    if not image.is_file():
+        raise UserError(f"image not found: {image}")
+    try:
+        load_rgb(image)
+    except ImageSkipped as skipped:
+        raise UserError(f"cannot read image {image}: {skipped}") from None
+    head_answers = _head_answers(Path(head), image.resolve(), question, top) if head is not None else None
+    index = _open_index(index_dir, required=head is None)
+    captions = None
+    if index is not None:
+        from vqa_search.vqa.captions import CaptionAnswerer
+
+        captions = CaptionAnswerer(index).answer(image, question)
+    return AskResult(image, question, head_answers, captions)
+
+
+def _open_index(index_dir: Path | str | None, required: bool):
+    from vqa_search.retrieval.searcher import Index, find_index
+
+    if index_dir is None:
+        try:
+            index_dir = find_index()
+        except UserError:
+            if required:
+                raise
+            return None
+    return Index.open(index_dir)
+
+
+def _head_answers(head: Path, image: Path, question: str, top: int) -> list[dict]:
+    from vqa_search.vqa.answerer import load_answerer
+    from vqa_search.vqa.features import image_features, question_vectors
+
+    answerer = load_answerer(head)
+    features = image_features(answerer.clip, answerer.local, [image])
+    _, vectors = question_vectors(answerer.clip, [question])
+    answers, probabilities = answerer.top_answers(features, [image], vectors, k=top)
+    return [{"answer": answer, "probability": round(float(p), 4)} for answer, p in zip(answers[0], probabilities[0])]

@@ -1,0 +1,146 @@
+"""What the answer heads read, computed once per image and per question.
+
+- g: the image's global embedding from CLIP (the same model as an index, or a stage-1 checkpoint);
+- q: the question's CLIP text embedding, from the same model;
+- the local encoder's input to its first trainable block (`LocalEncoder.prefix`), for dual heads.
+
+Everything frozen is computed here once, so an epoch only runs the head and, with
+`--unfreeze-last N`, the local encoder's last N blocks. With N = 0 the cached stream has been
+through every block already and each batch only pools it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from open_clip.transformer import VisionTransformer
+from torch import nn
+from tqdm import tqdm
+
+from vqa_search.align.finetune import image_prefix, image_suffix_tokens
+from vqa_search.encode import autocast, encode_image_batch, encode_texts
+from vqa_search.errors import UserError
+from vqa_search.indexer.image_stream import decoded_batches, unindexed_records
+from vqa_search.models import Clip
+
+log = logging.getLogger("vqa_search")
+
+FILESYSTEM_ROOT = Path("/")  # image paths are absolute; the decoder joins them to this
+
+
+class LocalEncoder(nn.Module):
+    """A second ViT image tower for local detail: its patch tokens and pooled output.
+
+    Only its last `unfreeze_last` blocks, ln_post and projection can train; the rest is frozen and
+    its output (the residual stream entering the first trainable block) is what gets cached.
+    """
+
+    def __init__(self, clip: Clip, unfreeze_last: int = 0):
+        super().__init__()
+        visual = clip.model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise UserError(f"the local encoder must be a ViT (patch tokens), not {clip.identity.model}")
+        depth = len(visual.transformer.resblocks)
+        if not 0 <= unfreeze_last <= depth:
+            raise UserError(f"--unfreeze-last must be between 0 and {depth}, the blocks of {clip.identity.model} "
+                            f"(got {unfreeze_last})")
+        self.clip = clip
+        self.model = clip.model  # the image_prefix / image_suffix_tokens helpers take the whole CLIP
+        self.unfreeze_last = unfreeze_last
+        self.frozen_blocks = depth - unfreeze_last
+        self.model.requires_grad_(False)
+        for module in (*visual.transformer.resblocks[self.frozen_blocks:], visual.ln_post):
+            module.requires_grad_(True)
+        if visual.proj is not None:
+            visual.proj.requires_grad_(unfreeze_last > 0)
+        if not unfreeze_last:
+            visual.ln_post.requires_grad_(False)
+
+    @property
+    def width(self) -> int:
+        return self.model.visual.transformer.width
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.model.visual.output_dim
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights training changes: all a head file needs besides the base weights' identity."""
+        trainable = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
+        return {name: tensor for name, tensor in self.model.state_dict().items() if name in trainable}
+
+    @torch.no_grad()
+    def prefix(self, pixels: torch.Tensor) -> torch.Tensor:
+        with autocast(self.clip.device):
+            return image_prefix(self.model, pixels.to(self.clip.device), self.frozen_blocks)
+
+    def forward(self, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch tokens (B, N, W), pooled output (B, W')) from cached streams."""
+        pooled, tokens = image_suffix_tokens(self.model, stream.to(self.clip.device, torch.float32),
+                                             self.frozen_blocks)
+        return tokens, pooled
+
+
+@dataclass
+class ImageFeatures:
+    rows: dict[Path, int]  # image file -> row of the tensors below
+    global_vectors: torch.Tensor  # (images, D) float32, L2-normalised
+    local_streams: torch.Tensor | None  # (images, tokens, W) float16: LocalEncoder.prefix
+    skipped: dict[Path, str]  # unreadable file -> reason
+
+    def take(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Per question its image's global vector; the local streams of each distinct image once, and
+        which of them each question reads (the local encoder runs once per image, not per question)."""
+        rows = torch.tensor([self.rows[image] for image in images])
+        distinct, inverse = torch.unique(rows, return_inverse=True)
+        streams = None if self.local_streams is None else self.local_streams[distinct]
+        return self.global_vectors[rows], streams, inverse
+
+
+def image_features(clip: Clip, local: LocalEncoder | None, images: Sequence[Path], batch_size: int = 64,
+                   workers: int = 0, progress: bool = False) -> ImageFeatures:
+    """Global vectors and local streams of readable images; unreadable ones are listed, not fatal."""
+    unique = list(dict.fromkeys(images))
+    vectors, rows, skipped = _decode_and_encode(clip.preprocess, unique, batch_size, workers, progress,
+                                                lambda pixels: torch.from_numpy(encode_image_batch(clip, pixels)),
+                                                "images")
+    streams = None
+    if local is not None:
+        readable = [image for image in unique if image in rows]
+        streams, local_rows, _ = _decode_and_encode(local.clip.preprocess, readable, batch_size, workers, progress,
+                                                    lambda pixels: local.prefix(pixels).half().cpu(), "local encoder")
+        if local_rows.keys() != rows.keys():
+            raise UserError("images changed on disk while they were read; run the command again")
+    if skipped:
+        log.warning("%d unreadable images left out, e.g. %s: %s", len(skipped), *next(iter(skipped.items())))
+    return ImageFeatures(rows, vectors, streams, skipped)
+
+
+def _decode_and_encode(preprocess, images: list[Path], batch_size: int, workers: int, progress: bool, encode,
+                       desc: str) -> tuple[torch.Tensor, dict[Path, int], dict[Path, str]]:
+    chunks, rows, skipped = [], {}, {}
+    records = unindexed_records([str(image) for image in images])
+    with tqdm(total=len(records), unit="img", desc=desc, disable=not progress) as bar:
+        for batch in decoded_batches(FILESYSTEM_ROOT, records, preprocess, batch_size, workers):
+            for record in batch.records:
+                if record.reason is None:
+                    rows[Path(record.state.path)] = len(rows)
+                else:
+                    skipped[Path(record.state.path)] = record.reason
+            if batch.pixels is not None:
+                chunks.append(encode(batch.pixels))
+            bar.update(len(batch.records))
+    if not chunks:
+        raise UserError(f"none of the {len(images)} images could be read, e.g. {images[0]}: "
+                        f"{skipped.get(images[0], 'unreadable')}")
+    return torch.cat(chunks), rows, skipped
+
+
+def question_vectors(clip: Clip, questions: Sequence[str]) -> tuple[dict[str, int], torch.Tensor]:
+    """Each distinct question embedded once: (row by text, (distinct, D) float32 L2-normalised)."""
+    unique = list(dict.fromkeys(questions))
+    return {text: row for row, text in enumerate(unique)}, torch.from_numpy(encode_texts(clip, unique))
