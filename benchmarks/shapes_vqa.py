@@ -26,7 +26,7 @@ from vqa_search.vqa.heads import VARIANTS
 from vqa_search.vqa.train import VqaTrainConfig, train_vqa
 
 STAGE1 = dict(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.1, patience=8)  # as benchmarks/shapes_align.py
-HEAD = dict(epochs=30, batch_size=256, lr=1e-3, patience=6)
+HEAD = dict(epochs=20, batch_size=256, lr=1e-3, patience=6)
 LOCAL = dict(unfreeze_last=2, local_lr=1e-3)  # the local encoder: stage 1's ViT, every block trained by the head
 
 

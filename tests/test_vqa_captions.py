@@ -10,7 +10,7 @@ from vqa_search.encode import encode_texts
 from vqa_search.errors import UserError
 from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.retrieval.searcher import Index
-from vqa_search.vqa.captions import CaptionAnswerer, question_kind, read_answer
+from vqa_search.vqa.captions import CaptionAnswerer, answer_and_source, question_kind, read_answer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,6 +43,13 @@ def test_question_kind(question, kind):
 ])
 def test_read_answer(question, captions, answer):
     assert read_answer(question, captions) == answer
+
+
+def test_the_answer_names_the_caption_it_was_read_from():
+    assert answer_and_source("what color is the square?", ["a blue triangle", "a white square"]) == ("white", 1)
+    assert answer_and_source("is there a red star?", ["a blue star", "a red star"]) == ("yes", 1)
+    assert answer_and_source("is there a red star?", ["a blue star"]) == ("no", None)
+    assert answer_and_source("how many cats are there?", ["two dogs"]) == ("0", None)
 
 
 @pytest.fixture

@@ -11,14 +11,14 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from vqa_search.cli import app
-from vqa_search.models import TINY_MODEL
+from vqa_search.indexer.build import BuildConfig, build_index
+from vqa_search.models import TINY_MODEL, load_clip, resolve_identity
 from vqa_search.shapes import ShapesConfig, make_shapes
 from vqa_search.vqa.answerer import load_answerer
 from vqa_search.vqa.bench import VqaBenchConfig, run_vqa_bench
 from vqa_search.vqa.data import read_vqa
 from vqa_search.vqa.features import LocalEncoder, image_features, question_vectors
 from vqa_search.vqa.train import VqaTrainConfig, image_grouped_batches, train_vqa
-from vqa_search.models import load_clip, resolve_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,6 +130,20 @@ def test_cli_train_bench_and_ask(world, trained, tmp_path):
     assert out.exit_code == 0, out.output
     answers = json.loads(out.output)["head"]
     assert len(answers) == 5 and answers[0]["probability"] >= answers[-1]["probability"]
+    assert json.loads(out.output)["captions"] is None  # no index anywhere: the head alone answers
+
+
+def test_ask_shows_the_captions_of_an_indexed_image(world, trained):
+    build_index(world, BuildConfig(model=TINY_MODEL, pretrained="none", workers=0, progress=False))
+    image = world / "Images" / "shape_000001.png"
+    question = "is there a circle?"
+    out = runner.invoke(app, ["ask", str(image), question, "--index", str(world), "--head", str(trained[0])])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith(f"Q: {question}\nhead: ") and "\ncaptions: " in out.output
+    out = runner.invoke(app, ["ask", str(image), question, "--index", str(world), "--json"])
+    captions = json.loads(out.output)["captions"]
+    assert captions["kind"] == "yes/no" and captions["answer"] in ("yes", "no")
+    assert captions["evidence"] and all(item["own"] and item["image"] == image.name for item in captions["evidence"])
 
 
 @pytest.mark.parametrize("args, message", [

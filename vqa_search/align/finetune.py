@@ -131,7 +131,7 @@ def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = Fine
     optimizer = _optimizer(clip.model, config)
     schedule = cosine_with_warmup(optimizer, steps * config.epochs, config.warmup)
     scaler = torch.amp.GradScaler(clip.device.type, enabled=clip.device.type == "cuda")
-    history_path, curve = _beside(out, ".history.json"), _beside(out, ".curve.png")
+    history_path, curve = beside(out, ".history.json"), beside(out, ".curve.png")
     log.info("fine-tuning %s on %d images (%d captions), %d batches of %d per epoch%s", identity.describe(),
              len(images.paths), len(texts.tokens), steps, batch_size,
              f", last {config.unfreeze_last} blocks per tower" if config.unfreeze_last else "")
@@ -152,7 +152,7 @@ def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = Fine
         if best is None or record["mean_recall"] > best["mean_recall"]:
             best = record
             save_checkpoint(clip.model, out, identity, record, config)
-        write_json(history_path, {"config": _config_json(config), "best_epoch": best["epoch"], "history": history})
+        write_json(history_path, {"config": config_json(config), "best_epoch": best["epoch"], "history": history})
         log.info("epoch %d/%d: loss %.4f, val R@1 t2i %.1f i2t %.1f, R@10 t2i %.1f i2t %.1f, mean recall %.1f, "
                  "τ %.4f, %.1f s + %.1f s val%s", epoch, config.epochs, loss, val["t2i"]["R@1"], val["i2t"]["R@1"],
                  val["t2i"]["R@10"], val["i2t"]["R@10"], record["mean_recall"], record["temperature"],
@@ -207,7 +207,7 @@ def save_checkpoint(model: nn.Module, path: Path, base: ModelIdentity, record: d
     metadata = {"format": FORMAT, "model": base.model, "base_pretrained": base.pretrained,
                 "base_sha256": base.sha256 or "", "epoch": str(record["epoch"]),
                 "val": json.dumps({direction: record[direction] for direction in ("t2i", "i2t")}),
-                "config": json.dumps(_config_json(config))}
+                "config": json.dumps(config_json(config))}
     with atomic_path(path) as temp:
         save_file(tensors, str(temp), metadata=metadata)
     return path
@@ -475,9 +475,11 @@ def _check(out: Path, config: FinetuneConfig) -> Path:
     return out
 
 
-def _beside(checkpoint: Path, suffix: str) -> Path:
+def beside(checkpoint: Path, suffix: str) -> Path:
+    """A file next to a checkpoint: CKPT.history.json, CKPT.curve.png."""
     return checkpoint.with_name(checkpoint.stem + suffix)
 
 
-def _config_json(config: FinetuneConfig) -> dict:
+def config_json(config) -> dict:
+    """A training config dataclass as JSON (paths as strings), for history files and checkpoint metadata."""
     return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(config).items()}

@@ -127,12 +127,6 @@ def load_answerer(path: Path | str, device: torch.device | None = None) -> Answe
     return answerer
 
 
-def head_record(path: Path | str) -> dict:
-    """What training wrote about the kept epoch (val accuracy, epoch), without loading any model."""
-    with safe_open(str(path), framework="pt") as handle:
-        return json.loads((handle.metadata() or {}).get("record", "{}"))
-
-
 def _same_weights(recorded: ModelIdentity, head_path: Path) -> ModelIdentity:
     """The recorded weights, found again: a tag by name, a checkpoint by its path and content hash."""
     try:

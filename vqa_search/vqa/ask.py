@@ -34,14 +34,13 @@ class AskResult:
             answers = ", ".join(f"{item['answer']} ({item['probability']:.2f})" for item in self.head_answers)
             lines.append(f"head: {answers}")
         if self.captions is not None:
-            if self.captions.evidence:
-                best = self.captions.evidence[0]
-                source = "its own caption" if best.own else f"caption of a similar image, {best.image}"
-                lines.append(f"captions: {self.captions.answer or '(no short answer)'}, from {source}: "
-                             f"\"{best.caption}\" ({best.score:.3f})")
-                lines += [f"  {item.score:.3f}  {item.caption}" for item in self.captions.evidence[1:]]
-            else:
-                lines.append("captions: none found")
+            lines.append(f"captions: {self.captions.answer or '(no short answer)'}")
+            for position, item in enumerate(self.captions.evidence):
+                source = "" if item.own else f"  (of a similar image, {item.image})"
+                read = "  <- answer read here" if position == self.captions.answer_from else ""
+                lines.append(f"  {item.score:.3f}  {item.caption}{source}{read}")
+            if not self.captions.evidence:
+                lines.append("  no captions found")
         return "\n".join(lines)
 
 

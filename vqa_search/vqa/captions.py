@@ -62,6 +62,7 @@ class CaptionAnswer:
     kind: str
     answer: str | None
     evidence: list[Evidence]  # best first
+    answer_from: int | None  # position in `evidence` of the caption the answer was read from
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -82,48 +83,61 @@ def question_kind(question: str) -> str:
 
 def read_answer(question: str, captions: Sequence[str]) -> str | None:
     """The short answer the captions (best first) give to the question, or None."""
+    return answer_and_source(question, captions)[0]
+
+
+def answer_and_source(question: str, captions: Sequence[str]) -> tuple[str | None, int | None]:
+    """The short answer, and the position of the caption it was read from (None: read from none,
+    e.g. "no" because no caption names the thing)."""
     kind = question_kind(question)
+    subject = _content_words(question)
     if kind == "yes/no":
-        subject = _content_words(question)
         noun = _noun(subject)
-        if noun is None:  # "is it sunny?": every content word somewhere in one caption
-            return "yes" if any(set(subject) <= set(_singular(_words(c))) for c in captions) else "no"
         modifiers = [word for word in subject if word != noun]
-        return "yes" if any(_mentions(caption, noun, modifiers) for caption in captions) else "no"
+        for position, caption in enumerate(captions):
+            if noun is None and set(subject) <= set(_singular(_words(caption))):  # "is it sunny?"
+                return "yes", position
+            if noun is not None and _mentions(caption, noun, modifiers):
+                return "yes", position
+        return "no", None
     if kind == "color":
-        subject = _content_words(question)
         noun = _noun(subject)
         modifiers = [word for word in subject if word != noun and word not in COLORS]
-        for caption in captions:
+        for position, caption in enumerate(captions):
             for window in _mentions(caption, noun, modifiers):
                 if color := next((word for word in reversed(window) if word in COLORS), None):
-                    return "gray" if color == "grey" else color
+                    return _gray(color), position
         first = [word for word in _words(captions[0]) if word in COLORS] if captions else []
-        return ("gray" if first[0] == "grey" else first[0]) if first else None
+        return (_gray(first[0]), 0) if first else (None, None)
     if kind == "number":
         phrase = _singular(_asked_phrase(question))
         noun = _noun(phrase)
         if noun is None:
-            return None
+            return None, None
         modifiers = [word for word in phrase if word != noun]
-        mentioned = [window for caption in captions for window in _mentions(caption, noun, modifiers)]
+        mentioned = [(position, window) for position, caption in enumerate(captions)
+                     for window in _mentions(caption, noun, modifiers)]
         if not mentioned:
-            return "0"
-        for window in mentioned:
+            return "0", None
+        for position, window in mentioned:
             count = next((word for word in reversed(window) if word.isdigit() or NUMBERS.get(word)), None)
             if count is not None:
-                return count if count.isdigit() else NUMBERS[count]
-        return None
+                return (count if count.isdigit() else NUMBERS[count]), position
+        return None, None
     which = re.fullmatch(r"which (\w+) (?:is|are) (\w+)", " ".join(_words(question)))
     if which:  # "which shape is red?": the thing named right after the attribute, as in "a small red circle"
-        for caption in captions:
+        for position, caption in enumerate(captions):
             words = _words(caption)
-            for position, word in enumerate(words[:-1]):
+            for at, word in enumerate(words[:-1]):
                 if word == which.group(2):
-                    following = [w for w in words[position + 1:position + 3] if w not in SIZES and w not in COLORS]
+                    following = [w for w in words[at + 1:at + 3] if w not in SIZES and w not in COLORS]
                     if following:
-                        return _singular(following[:1])[0]
-    return None
+                        return _singular(following[:1])[0], position
+    return None, None
+
+
+def _gray(color: str) -> str:
+    return "gray" if color == "grey" else color
 
 
 class CaptionAnswerer:
@@ -160,8 +174,8 @@ class CaptionAnswerer:
             evidence = [Evidence(self.index.caption_texts[ids[i]], self.index.image_paths[self.index.caption_image[ids[i]]],
                                  round(float(scores[i]), 4), own)
                         for i in np.argsort(-scores, kind="stable")[: self.evidence]]
-            answers.append(CaptionAnswer(question, question_kind(question),
-                                         read_answer(question, [item.caption for item in evidence]), evidence))
+            answer, source = answer_and_source(question, [item.caption for item in evidence])
+            answers.append(CaptionAnswer(question, question_kind(question), answer, evidence, source))
         return answers
 
     def _candidates(self, image: Path) -> tuple[np.ndarray, bool]:

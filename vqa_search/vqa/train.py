@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from vqa_search.align.finetune import cosine_with_warmup, seed_everything
+from vqa_search.align.finetune import beside, config_json, cosine_with_warmup, seed_everything
 from vqa_search.atomic import atomic_path, write_json
 from vqa_search.encode import autocast
 from vqa_search.errors import UserError
@@ -137,7 +136,7 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
     trainer = _Trainer(answerer, features, train, targets, torch.stack([vectors[rows[q.question]] for q in train]),
                        config, generator)
     val_vectors = torch.stack([vectors[rows[question.question]] for question in val])
-    history_path, curve = _beside(out, ".history.json"), _beside(out, ".curve.png")
+    history_path, curve = beside(out, ".history.json"), beside(out, ".curve.png")
     log.info("training a %s head on %d questions about %d images (%d answers; %d questions without one left out)",
              config.variant, len(train), len(features.rows), len(vocab.answers), left_out)
 
@@ -154,7 +153,7 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
         if best is None or report["overall"] > best["val"]["overall"]:
             best = record
             answerer.save(out, record)
-        write_json(history_path, {"config": _config_json(config), "best_epoch": best["epoch"], "history": history})
+        write_json(history_path, {"config": config_json(config), "best_epoch": best["epoch"], "history": history})
         log.info("epoch %d/%d: loss %.4f, val accuracy %.2f%%, %.1f s%s", epoch, config.epochs, loss,
                  report["overall"], train_seconds, ", saved as best" if best is record else "")
         if epoch - best["epoch"] >= config.patience and epoch < config.epochs:
@@ -284,11 +283,3 @@ def _check(out: Path, config: VqaTrainConfig) -> Path:
     if config.weight_decay < 0 or not math.isfinite(config.weight_decay):
         raise UserError(f"--weight-decay must not be negative (got {config.weight_decay})")
     return out
-
-
-def _beside(path: Path, suffix: str) -> Path:
-    return path.with_name(path.stem + suffix)
-
-
-def _config_json(config: VqaTrainConfig) -> dict:
-    return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(config).items()}
