@@ -96,6 +96,9 @@ def test_user_errors(indexed, photos, tmp_path):
         answerer.answer(broken, "is it?")
     with pytest.raises(UserError, match="image not found"):
         answerer.answer(tmp_path / "nothing.png", "is it?")
+    skipped = answerer.answer_many([broken, photos / "Images" / "photo_0.png"], ["is it?", "is it?"],
+                                   skip_unreadable=True)
+    assert (skipped[0].answer, skipped[0].evidence) == (None, []) and skipped[1].evidence
 
 
 def test_an_index_without_captions_is_refused(tmp_path):

@@ -154,6 +154,7 @@ def test_ask_shows_the_captions_of_an_indexed_image(world, trained):
     (["ask", "{world}/Images/shape_000000.png", "  ", "--head", "{tmp}/missing.safetensors"], "question is empty"),
     (["ask", "{world}/Images/shape_000000.png", "what?", "--head", "{tmp}/missing.safetensors"], "head file not found"),
     (["ask", "{tmp}/nothing.png", "what?", "--head", "{head}"], "image not found"),
+    (["ask", "{world}/captions.txt", "what?", "--head", "{head}"], "cannot read image"),
 ])
 def test_user_errors_are_one_line_and_exit_2(world, trained, tmp_path, args, message):
     values = {"world": world, "tmp": tmp_path, "head": trained[0]}

@@ -81,7 +81,7 @@ def caption_predictions(root: Path, questions: list[VqaQuestion], config: VqaBen
 
     index = Index.open(config.index or root / DEFAULT_DIR_NAME)
     answers = CaptionAnswerer(index).answer_many([question.image for question in questions],
-                                                 [question.question for question in questions])
+                                                 [question.question for question in questions], skip_unreadable=True)
     return [answer.answer for answer in answers]
 
 

@@ -88,7 +88,9 @@ def read_answer(question: str, captions: Sequence[str]) -> str | None:
 
 def answer_and_source(question: str, captions: Sequence[str]) -> tuple[str | None, int | None]:
     """The short answer, and the position of the caption it was read from (None: read from none,
-    e.g. "no" because no caption names the thing)."""
+    e.g. "no" because no caption names the thing). Without any caption there is no answer."""
+    if not captions:
+        return None, None
     kind = question_kind(question)
     subject = _content_words(question)
     if kind == "yes/no":
@@ -154,8 +156,13 @@ class CaptionAnswerer:
     def answer(self, image: Path | str, question: str) -> CaptionAnswer:
         return self.answer_many([Path(image)], [question])[0]
 
-    def answer_many(self, images: Sequence[Path | str], questions: Sequence[str]) -> list[CaptionAnswer]:
-        """One question embedding each, one image lookup per distinct image: thousands of questions at once."""
+    def answer_many(self, images: Sequence[Path | str], questions: Sequence[str],
+                    skip_unreadable: bool = False) -> list[CaptionAnswer]:
+        """One question embedding each, one image lookup per distinct image: thousands of questions at once.
+
+        With `skip_unreadable` (benchmarks over partial downloads), a missing or unreadable image that
+        is not indexed gives no evidence and no answer instead of an error.
+        """
         questions = [question.strip() for question in questions]
         if any(not question for question in questions):
             raise UserError("the question is empty")
@@ -168,7 +175,12 @@ class CaptionAnswerer:
         for image, question in zip(images, questions):
             image = Path(image).resolve()
             if image not in candidates:
-                candidates[image] = self._candidates(image)
+                try:
+                    candidates[image] = self._candidates(image)
+                except UserError:
+                    if not skip_unreadable:
+                        raise
+                    candidates[image] = np.zeros(0, dtype=np.int64), False
             ids, own = candidates[image]
             scores = np.asarray(caption_vectors[ids]) @ vector_of[question]
             evidence = [Evidence(self.index.caption_texts[ids[i]], self.index.image_paths[self.index.caption_image[ids[i]]],
