@@ -133,9 +133,9 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
         hidden=config.hidden, dropout=config.dropout,
     ))
     answerer = Answerer(head.to(device), vocab, clip, local, config.loss)
-    trainer = _Trainer(answerer, features, train, targets, torch.stack([vectors[rows[q.question]] for q in train]),
+    trainer = _Trainer(answerer, features, train, targets, vectors, torch.tensor([rows[q.question] for q in train]),
                        config, generator)
-    val_vectors = torch.stack([vectors[rows[question.question]] for question in val])
+    val_vectors = vectors[[rows[question.question] for question in val]]
     history_path, curve = beside(out, ".history.json"), beside(out, ".curve.png")
     log.info("training a %s head on %d questions about %d images (%d answers; %d questions without one left out)",
              config.variant, len(train), len(features.rows), len(vocab.answers), left_out)
@@ -170,9 +170,11 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
 class _Trainer:
     def __init__(self, answerer: Answerer, features: ImageFeatures, questions: list[VqaQuestion],
                  targets: list[tuple[list[int], list[float]]], question_vectors: torch.Tensor,
-                 config: VqaTrainConfig, generator: torch.Generator):
+                 question_rows: torch.Tensor, config: VqaTrainConfig, generator: torch.Generator):
+        """`question_vectors` holds each distinct question once; `question_rows` says which is whose."""
         self.answerer, self.features, self.questions = answerer, features, questions
-        self.targets, self.question_vectors, self.config, self.generator = targets, question_vectors, config, generator
+        self.targets, self.config, self.generator = targets, config, generator
+        self.question_vectors, self.question_rows = question_vectors, question_rows
         self.image_rows = np.array([features.rows[question.image] for question in questions])
         steps = len(image_grouped_batches(self.image_rows, config.batch_size, generator))
         self.optimizer = _optimizer(answerer, config)
@@ -196,7 +198,8 @@ class _Trainer:
         global_vectors, streams, inverse = self.features.take([self.questions[i].image for i in positions])
         targets = self._dense_targets(positions).to(device)
         with autocast(device):
-            logits = answerer.logits(global_vectors, self.question_vectors[positions], streams, inverse).float()
+            questions = self.question_vectors[self.question_rows[positions]]
+            logits = answerer.logits(global_vectors, questions, streams, inverse).float()
             loss = answer_loss(logits, targets, self.config.loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
