@@ -56,12 +56,6 @@ class Answerer:
         if self.local is not None:
             self.local.train(mode)
 
-    def parameters(self) -> list[torch.nn.Parameter]:
-        trainable = list(self.head.parameters())
-        if self.local is not None:
-            trainable += [parameter for parameter in self.local.parameters() if parameter.requires_grad]
-        return trainable
-
     @torch.inference_mode()
     def top_answers(self, features: ImageFeatures, images: Sequence[Path], question_vectors: torch.Tensor,
                     k: int = 1, batch_size: int = 256) -> tuple[list[list[str]], torch.Tensor]:

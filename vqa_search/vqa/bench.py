@@ -3,12 +3,12 @@
 Every mode is scored on the same questions with `evaluate.accuracy_report`. A question whose image
 cannot be read, or for which no caption yields an answer, counts as wrong rather than being left
 out, so modes stay comparable. The majority baseline answers each question with the commonest train
-answer of its question type: what a model that never looks at the image would get from the type alone.
+answer of its question type (of the evaluated split when there is no train split): what a model that
+never looks at the image would get from the type alone.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +17,6 @@ from vqa_search.indexer.image_stream import default_workers
 from vqa_search.vqa.answers import majority_answers
 from vqa_search.vqa.data import VqaQuestion, read_vqa
 from vqa_search.vqa.evaluate import accuracy_report
-
-log = logging.getLogger("vqa_search")
 
 MODES = ("head", "captions", "both")
 

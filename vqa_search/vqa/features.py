@@ -53,12 +53,11 @@ class LocalEncoder(nn.Module):
         self.unfreeze_last = unfreeze_last
         self.frozen_blocks = depth - unfreeze_last
         self.model.requires_grad_(False)
-        for module in (*visual.transformer.resblocks[self.frozen_blocks:], visual.ln_post):
-            module.requires_grad_(True)
-        if visual.proj is not None:
-            visual.proj.requires_grad_(unfreeze_last > 0)
-        if not unfreeze_last:
-            visual.ln_post.requires_grad_(False)
+        if unfreeze_last:
+            for module in (*visual.transformer.resblocks[self.frozen_blocks:], visual.ln_post):
+                module.requires_grad_(True)
+            if visual.proj is not None:
+                visual.proj.requires_grad_(True)
 
     @property
     def width(self) -> int:
