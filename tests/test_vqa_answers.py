@@ -18,6 +18,7 @@ from vqa_search.vqa.answers import (AnswerVocab, answer_scores, exact_match, maj
     ("yes.", "yes"),
     ("10.5", "10.5"),  # a period before a digit stays
     ("1,000", "1000"),  # a comma between digits: all punctuation is dropped, not spaced
+    ("Yes, two dogs!", "yes 2 dogs"),  # "," next to a space is dropped, a lone "!" becomes a space
     ("black/white", "black white"),  # punctuation without a space beside it becomes a space
     ("black / white", "black white"),
     ("  tennis\tracket\n", "tennis racket"),

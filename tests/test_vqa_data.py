@@ -30,7 +30,7 @@ def jsonl(tmp_path) -> Path:
     ])
 
 
-def test_jsonl_reader_resolves_images_beside_the_file(jsonl, tmp_path):
+def test_jsonl_reader_resolves_images_beside_the_file(jsonl, tmp_path, caplog):
     data = read_vqa(jsonl)
     assert data.source == "jsonl"
     assert [q.image for q in data.questions][:2] == [(tmp_path / "pics" / "a.png").resolve()] * 2
@@ -39,7 +39,17 @@ def test_jsonl_reader_resolves_images_beside_the_file(jsonl, tmp_path):
     assert (second.answer_type, second.category, second.question_id) == ("other", "color", "7")
     assert third.answer_type == "number"
     assert data.missing_images() == 1
+    assert "1 images named by the questions are not on disk" in caplog.text
     assert read_vqa(tmp_path).questions == data.questions  # the folder holding vqa.jsonl
+
+
+def test_absolute_image_paths_and_questions_without_a_split(tmp_path):
+    image = write_photo(tmp_path / "a.png", (0, 200, 0))
+    path = write_jsonl(tmp_path / "data" / "q.jsonl", [
+        {"image": str(image), "question": "q", "answers": ["yes"], "type": "yes/no"}])
+    data = read_vqa(path)
+    assert data.questions[0].image == image and data.questions[0].question_id == "1"  # the line number
+    assert data.splits() == {"no split": 1}
 
 
 def test_images_option_moves_the_base_of_relative_paths(jsonl, tmp_path):
@@ -61,6 +71,8 @@ def test_splits_and_report_groups(jsonl):
     ('{"image": "a.png", "question": "q"}', "line 2: not a VQA record (missing 'answers')"),
     ('{"image": "a.png", "question": "q", "answers": "yes", "type": "yes/no"}', "non-empty list"),
     ('{"image": "a.png", "question": "q", "answers": ["x"], "type": "shape"}', "give answer_type"),
+    ('{"image": "a.png", "question": "q", "answers": ["x"], "type": "shape", "answer_type": "shape"}',
+     "line 2: not a VQA record (answer type 'shape' is none of yes/no, number, other)"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "vqa.jsonl"
@@ -70,7 +82,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
         read_vqa(path)
 
 
-def v2_folder(root: Path, layout_subfolders: bool = False) -> Path:
+def v2_folder(root: Path, layout_subfolders: bool = False, image_dir: str = "val2014") -> Path:
     questions = {"questions": [{"image_id": 42, "question": "What color is the bus?", "question_id": 420},
                                {"image_id": 7, "question": "How many dogs are there?", "question_id": 70},
                                {"image_id": 7, "question": "Is it sunny?", "question_id": 71}]}
@@ -90,7 +102,7 @@ def v2_folder(root: Path, layout_subfolders: bool = False) -> Path:
     (question_dir / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(questions))
     (annotation_dir / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(annotations))
     for image_id in (42, 7):
-        write_photo(root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", (0, 0, 200))
+        write_photo(root / image_dir / f"COCO_val2014_{image_id:012d}.jpg", (0, 0, 200))
     return root
 
 
@@ -106,6 +118,16 @@ def test_vqa_v2_reader(tmp_path, subfolders):
     assert report_groups(bus) == ("other", "color")
     assert report_groups(dogs) == ("number", "count") and dogs.answers[-1] == "3"
     assert report_groups(sunny) == ("yes/no",) and sunny.question_id == "71"
+
+
+def test_vqa_v2_official_layout_and_test_questions_without_answers(tmp_path, caplog):
+    caplog.set_level("INFO", logger="vqa_search")
+    root = v2_folder(tmp_path / "VQA", layout_subfolders=True, image_dir="Images/mscoco/val2014")
+    (root / "Questions" / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text('{"questions": []}')
+    data = read_vqa(root)
+    assert data.splits() == {"val": 3} and data.missing_images() == 0
+    assert data.questions[0].image == (root / "Images/mscoco/val2014/COCO_val2014_000000000042.jpg").resolve()
+    assert "skipped v2_OpenEnded_mscoco_test-dev2015_questions.json" in caplog.text
 
 
 def test_vqa_v2_images_folder_option(tmp_path):

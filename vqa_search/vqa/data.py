@@ -6,9 +6,10 @@
   shapes world writes color / count / shape with `answer_type` beside it). Image paths are relative to
   the file's folder (or `--images`).
 - VQA v2: v2_OpenEnded_mscoco_{train2014,val2014}_questions.json with v2_mscoco_{...}_annotations.json
-  (in the folder, or its Questions/ and Annotations/ subfolders), images at
-  {images}/{train2014,val2014}/COCO_{subtype}_{image_id:012d}.jpg. train2014 is the train split and
-  val2014 the val split; question files without annotations (test, test-dev) are skipped.
+  (in the folder, or its Questions/ and Annotations/ subfolders as in GT-Vision-Lab/VQA), images at
+  {images}/{subtype}/COCO_{subtype}_{image_id:012d}.jpg, where {images} defaults to the folder (or
+  its Images/mscoco/, the official layout). train2014 is the train split and val2014 the val split;
+  question files without annotations (test2015, test-dev2015) are skipped with a note.
 
 Reports count each question under its answer type and, when finer, its category: VQA v2's
 "what color ..." questions are "color", "how many ..." are "count".
@@ -30,6 +31,7 @@ JSONL_NAME = "vqa.jsonl"
 V2_SUBTYPES = {"train2014": "train", "val2014": "val"}
 V2_QUESTIONS = "v2_OpenEnded_mscoco_{}_questions.json"
 V2_ANNOTATIONS = "v2_mscoco_{}_annotations.json"
+V2_OFFICIAL_IMAGES = Path("Images", "mscoco")
 V2_QUESTION_TYPE_CATEGORIES = (("what color", "color"), ("how many", "count"))
 
 
@@ -60,22 +62,30 @@ class VqaData:
     def splits(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for question in self.questions:
-            counts[str(question.split)] = counts.get(str(question.split), 0) + 1
+            label = question.split or "no split"
+            counts[label] = counts.get(label, 0) + 1
         return counts
 
     def missing_images(self) -> int:
-        return sum(1 for image in {question.image for question in self.questions} if not image.is_file())
+        """Distinct images the questions name that are not on disk."""
+        return len(_absent_images(self.questions))
+
+
+def _absent_images(questions: list[VqaQuestion]) -> list[Path]:
+    return [image for image in dict.fromkeys(question.image for question in questions) if not image.is_file()]
 
 
 def report_groups(question: VqaQuestion) -> tuple[str, ...]:
+    """The groups a question's accuracy is reported in: its answer type, and its finer category if any."""
     if question.category == question.answer_type:
         return (question.answer_type,)
     return question.answer_type, question.category
 
 
-def read_vqa(path: Path | str, images: Path | None = None) -> VqaData:
+def read_vqa(path: Path | str, images: Path | str | None = None) -> VqaData:
     """JSON lines (a .jsonl file, or a folder holding vqa.jsonl) or a VQA v2 folder."""
     path = Path(path).expanduser()
+    images = None if images is None else Path(images).expanduser()
     if not path.exists():
         raise UserError(f"VQA data not found: {path}")
     if path.is_file():
@@ -86,10 +96,9 @@ def read_vqa(path: Path | str, images: Path | None = None) -> VqaData:
         data = _read_v2(path, images)
     if not data.questions:
         raise UserError(f"no questions in {path}")
-    missing = data.missing_images()
-    if missing:
-        log.warning("%d images named by the questions are not on disk (e.g. %s); their questions count as "
-                    "unanswered", missing, next(q.image for q in data.questions if not q.image.is_file()))
+    if absent := _absent_images(data.questions):
+        log.warning("%d images named by the questions are not on disk (e.g. %s); their questions count as unanswered",
+                    len(absent), absent[0])
     return data
 
 
@@ -113,9 +122,10 @@ def _jsonl_question(record: dict, base: Path, number: int) -> VqaQuestion:
     if isinstance(answers, str) or not answers or not all(isinstance(answer, str) for answer in answers):
         raise ValueError("answers must be a non-empty list of strings")
     category = str(record["type"])
-    answer_type = record.get("answer_type") or category
+    answer_type = record.get("answer_type", category)
     if answer_type not in ANSWER_TYPES:
-        raise ValueError(f"answer type {answer_type!r} is none of {', '.join(ANSWER_TYPES)}; give answer_type")
+        hint = "" if "answer_type" in record else "; give answer_type"
+        raise ValueError(f"answer type {answer_type!r} is none of {', '.join(ANSWER_TYPES)}{hint}")
     return VqaQuestion(
         image=base / record["image"], question=str(record["question"]), answers=tuple(answers),
         answer_type=answer_type, category=category, split=record.get("split"),
@@ -129,19 +139,36 @@ def _describe(error: Exception) -> str:
 
 def _read_v2(folder: Path, images: Path | None) -> VqaData:
     questions = []
-    for subtype, split in V2_SUBTYPES.items():
+    for subtype in _v2_subtypes(folder):
         question_file = _find(folder, "Questions", V2_QUESTIONS.format(subtype))
         annotation_file = _find(folder, "Annotations", V2_ANNOTATIONS.format(subtype))
-        if question_file and not annotation_file:
-            log.warning("%s has no annotations file beside it: skipped", question_file)
-        if question_file and annotation_file:
-            questions += _v2_questions(question_file, annotation_file, (images or folder).resolve() / subtype,
-                                       subtype, split)
+        if annotation_file is None or subtype not in V2_SUBTYPES:
+            log.info("skipped %s: only train2014 and val2014 have answers to score", question_file.name)
+            continue
+        questions += _v2_questions(question_file, annotation_file, _v2_image_dir(folder, images, subtype),
+                                   subtype, V2_SUBTYPES[subtype])
     if not questions:
         raise UserError(f"no VQA data in {folder}: looked for {JSONL_NAME} and for VQA v2's "
                         f"{V2_QUESTIONS.format('train2014')} + {V2_ANNOTATIONS.format('train2014')} (or val2014), "
                         "in the folder or its Questions/ and Annotations/ subfolders")
     return VqaData(folder.resolve(), questions, "vqa-v2")
+
+
+def _v2_subtypes(folder: Path) -> list[str]:
+    """The subtypes (train2014, val2014, test-dev2015, ...) that have a questions file."""
+    pattern, (prefix, suffix) = V2_QUESTIONS.format("*"), V2_QUESTIONS.split("{}")
+    names = {path.name for path in [*folder.glob(pattern), *(folder / "Questions").glob(pattern)]}
+    return sorted(name[len(prefix):-len(suffix)] for name in names)
+
+
+def _v2_image_dir(folder: Path, images: Path | None, subtype: str) -> Path:
+    """{images}/{subtype}; without --images, the folder's {subtype}/ or else the official Images/mscoco/{subtype}/."""
+    if images is not None:
+        return images.resolve() / subtype
+    for candidate in (folder / subtype, folder / V2_OFFICIAL_IMAGES / subtype):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return (folder / subtype).resolve()
 
 
 def _find(folder: Path, subfolder: str, name: str) -> Path | None:
