@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def our_log(caplog) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog for the package's logger, which the CLI detaches from the root logger once a CLI test has run."""
+    logger = logging.getLogger("vqa_search")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="vqa_search")
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def jsonl(tmp_path) -> Path:
     ])
 
 
-def test_jsonl_reader_resolves_images_beside_the_file(jsonl, tmp_path, caplog):
+def test_jsonl_reader_resolves_images_beside_the_file(jsonl, tmp_path, our_log):
     data = read_vqa(jsonl)
     assert data.source == "jsonl"
     assert [q.image for q in data.questions][:2] == [(tmp_path / "pics" / "a.png").resolve()] * 2
@@ -39,7 +39,7 @@ def test_jsonl_reader_resolves_images_beside_the_file(jsonl, tmp_path, caplog):
     assert (second.answer_type, second.category, second.question_id) == ("other", "color", "7")
     assert third.answer_type == "number"
     assert data.missing_images() == 1
-    assert "1 images named by the questions are not on disk" in caplog.text
+    assert "1 images named by the questions are not on disk" in our_log.text
     assert read_vqa(tmp_path).questions == data.questions  # the folder holding vqa.jsonl
 
 
@@ -120,14 +120,13 @@ def test_vqa_v2_reader(tmp_path, subfolders):
     assert report_groups(sunny) == ("yes/no",) and sunny.question_id == "71"
 
 
-def test_vqa_v2_official_layout_and_test_questions_without_answers(tmp_path, caplog):
-    caplog.set_level("INFO", logger="vqa_search")
+def test_vqa_v2_official_layout_and_test_questions_without_answers(tmp_path, our_log):
     root = v2_folder(tmp_path / "VQA", layout_subfolders=True, image_dir="Images/mscoco/val2014")
     (root / "Questions" / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text('{"questions": []}')
     data = read_vqa(root)
     assert data.splits() == {"val": 3} and data.missing_images() == 0
     assert data.questions[0].image == (root / "Images/mscoco/val2014/COCO_val2014_000000000042.jpg").resolve()
-    assert "skipped v2_OpenEnded_mscoco_test-dev2015_questions.json" in caplog.text
+    assert "skipped v2_OpenEnded_mscoco_test-dev2015_questions.json" in our_log.text
 
 
 def test_vqa_v2_images_folder_option(tmp_path):
