@@ -160,7 +160,9 @@ def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = Fine
         if epoch - best["epoch"] >= config.patience and epoch < config.epochs:
             log.info("no better val recall for %d epochs: stopping early", config.patience)
             break
-    _plot_history(plt, history, best["epoch"], curve)
+    plot_training(plt, history, best["epoch"], curve, "val R@1 (%)",
+                  {label: [record[direction]["R@1"] for record in history]
+                   for direction, label in (("t2i", "text→image"), ("i2t", "image→text"))})
     return FinetuneResult(
         checkpoint=out, best_epoch=best["epoch"], history=history, seconds=time.perf_counter() - started,
         curve=curve, history_path=history_path, train_images=len(images.paths),
@@ -437,17 +439,18 @@ def _train_epoch(clip: Clip, images: _TrainImages, texts: _TrainTexts, optimizer
     return float(np.mean(losses))
 
 
-def _plot_history(plt, history: list[dict], best_epoch: int, out: Path) -> Path:
-    """Training loss and val R@1 per epoch, the kept epoch marked."""
+def plot_training(plt, history: list[dict], best_epoch: int, out: Path, title: str,
+                  scores: dict[str, list[float]]) -> Path:
+    """Training loss and the val scores per epoch side by side, the kept epoch marked."""
     epochs = [record["epoch"] for record in history]
-    figure, (loss_axis, recall_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     loss_axis.plot(epochs, [record["loss"] for record in history], marker="o")
     loss_axis.set(title="training loss", xlabel="epoch")
-    for direction, label in (("t2i", "text→image"), ("i2t", "image→text")):
-        recall_axis.plot(epochs, [record[direction]["R@1"] for record in history], marker="o", label=label)
-    recall_axis.set(title="val R@1 (%)", xlabel="epoch")
-    recall_axis.legend(fontsize=8)
-    for axis in (loss_axis, recall_axis):
+    for label, values in scores.items():
+        score_axis.plot(epochs, values, marker="o", label=label)
+    score_axis.set(title=title, xlabel="epoch")
+    score_axis.legend(fontsize=8)
+    for axis in (loss_axis, score_axis):
         axis.axvline(best_epoch, color="gray", linestyle=":", label="kept")
         axis.grid(True, alpha=0.3)
     figure.tight_layout()

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vqa_search.align.finetune import beside, config_json, cosine_with_warmup, seed_everything
-from vqa_search.atomic import atomic_path, write_json
+from vqa_search.align.finetune import beside, config_json, cosine_with_warmup, plot_training, seed_everything
+from vqa_search.atomic import write_json
 from vqa_search.encode import autocast
 from vqa_search.errors import UserError
 from vqa_search.indexer.image_stream import default_workers
@@ -159,7 +159,10 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
         if epoch - best["epoch"] >= config.patience and epoch < config.epochs:
             log.info("no better val accuracy for %d epochs: stopping early", config.patience)
             break
-    _plot(plt, history, best["epoch"], curve)
+    accuracies = {"overall": [record["val"]["overall"] for record in history]}
+    accuracies.update({group: [record["val"]["by_type"][group] for record in history]
+                       for group in history[0]["val"]["by_type"]})
+    plot_training(plt, history, best["epoch"], curve, "val VQA accuracy (%)", accuracies)
     return VqaTrainResult(
         path=out, best_epoch=best["epoch"], history=history, seconds=time.perf_counter() - started, curve=curve,
         history_path=history_path, vocab_size=len(vocab.answers), train_questions=len(train), left_out=left_out,
@@ -243,28 +246,6 @@ def _optimizer(answerer: Answerer, config: VqaTrainConfig) -> torch.optim.Optimi
         encoder = [parameter for parameter in answerer.local.parameters() if parameter.requires_grad]
         groups.append({"params": encoder, "lr": local_lr, "weight_decay": config.weight_decay})
     return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _plot(plt, history: list[dict], best_epoch: int, out: Path) -> Path:
-    """Training loss and val accuracy per epoch (overall and by type), the kept epoch marked."""
-    epochs = [record["epoch"] for record in history]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    loss_axis.plot(epochs, [record["loss"] for record in history], marker="o")
-    loss_axis.set(title="training loss", xlabel="epoch")
-    accuracy_axis.plot(epochs, [record["val"]["overall"] for record in history], marker="o", label="overall",
-                       linewidth=2)
-    for group in history[0]["val"]["by_type"]:
-        accuracy_axis.plot(epochs, [record["val"]["by_type"][group] for record in history], label=group, alpha=0.7)
-    accuracy_axis.set(title="val VQA accuracy (%)", xlabel="epoch")
-    accuracy_axis.legend(fontsize=8)
-    for axis in (loss_axis, accuracy_axis):
-        axis.axvline(best_epoch, color="gray", linestyle=":")
-        axis.grid(True, alpha=0.3)
-    figure.tight_layout()
-    with atomic_path(out) as temp:
-        figure.savefig(temp, format="png", dpi=120)
-    plt.close(figure)
-    return out
 
 
 def _check(out: Path, config: VqaTrainConfig) -> Path:
