@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from vqa_search.errors import UserError
+
 MAX_PIXELS = 89_478_485  # PIL's own default limit, about 9500 x 9500
 WHITE = (255, 255, 255)
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -47,6 +49,17 @@ def load_rgb(path: Path) -> LoadedImage:
     except _DECODE_ERRORS as error:
         raise ImageSkipped(_reason(error)) from error
     return LoadedImage(image, image.width, image.height)
+
+
+def load_named_image(path: Path | str, what: str = "image") -> Image.Image:
+    """A photo the user named (a query, a question's image): missing or unreadable is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return load_rgb(path).image
+    except ImageSkipped as skipped:
+        raise UserError(f"cannot read {what} {path}: {skipped}") from None
 
 
 def _decode(path: Path) -> Image.Image:

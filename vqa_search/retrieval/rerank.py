@@ -21,7 +21,7 @@ from vqa_search.align.region_store import RegionSet
 from vqa_search.align.reranker import CrossAttentionReranker, load_reranker
 from vqa_search.encode import token_embeddings, token_lengths
 from vqa_search.errors import UserError
-from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.indexer.images import load_named_image
 from vqa_search.models import Clip, ModelIdentity, load_clip
 from vqa_search.retrieval.metrics import first_correct_ranks, recall_curve, summarize
 from vqa_search.retrieval.recall import RecallRun
@@ -177,11 +177,7 @@ class QueryReranker:
         return scores, alpha.reshape(len(candidates), *alpha.shape[2:])
 
     def _image_regions(self, image: Path | str) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            loaded = load_rgb(Path(image))
-        except ImageSkipped as skipped:
-            raise UserError(f"cannot read query image {image}: {skipped}") from None
-        features, boxes = self._extractor.extract([loaded.image])
+        features, boxes = self._extractor.extract([load_named_image(image, "query image")])
         return features[0], boxes
 
     @cached_property

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from vqa_search.encode import encode_images, encode_texts
 from vqa_search.errors import UserError
-from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.indexer.images import load_named_image
 from vqa_search.indexer.store import DEFAULT_DIR_NAME, FileState, IndexDir
 from vqa_search.models import Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.retrieval.faiss_index import read_faiss, search
@@ -187,14 +187,7 @@ class Index:
             if not text.strip():
                 raise UserError("the query text is empty")
             return encode_texts(self.clip, [text.strip()]), text.strip()
-        path = Path(image)
-        if not path.is_file():
-            raise UserError(f"query image not found: {path}")
-        try:
-            loaded = load_rgb(path)
-        except ImageSkipped as skipped:
-            raise UserError(f"cannot read query image {path}: {skipped}") from None
-        return encode_images(self.clip, [loaded.image]), str(path)
+        return encode_images(self.clip, [load_named_image(image, "query image")]), str(Path(image))
 
     def _hit(self, rank: int, score: float, item: int, target: str) -> Hit:
         if target == "captions":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqa_search.errors import UserError
-from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.indexer.images import load_named_image
 from vqa_search.vqa.captions import CaptionAnswer
 
 DEFAULT_TOP_ANSWERS = 5
@@ -53,12 +53,7 @@ def ask(image: Path | str, question: str, index_dir: Path | str | None = None, h
         raise UserError("the question is empty")
     if head is not None and not Path(head).is_file():
         raise UserError(f"head file not found: {head} (train one with `vqa-search train vqa`)")
-    if not image.is_file():
-        raise UserError(f"image not found: {image}")
-    try:
-        load_rgb(image)
-    except ImageSkipped as skipped:
-        raise UserError(f"cannot read image {image}: {skipped}") from None
+    load_named_image(image)  # before any model loads
     head_answers = _head_answers(Path(head), image.resolve(), question, top) if head is not None else None
     index = _open_index(index_dir, required=head is None)
     captions = None

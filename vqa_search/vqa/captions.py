@@ -31,7 +31,7 @@ import numpy as np
 
 from vqa_search.encode import encode_images, encode_texts
 from vqa_search.errors import UserError
-from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.indexer.images import load_named_image
 
 KINDS = ("yes/no", "color", "number", "other")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey",
@@ -196,13 +196,7 @@ class CaptionAnswerer:
         row = self.row_of.get(image)
         if row is not None and len(self.captions_of_image[row]):
             return np.sort(self.captions_of_image[row]), True
-        if not image.is_file():
-            raise UserError(f"image not found: {image}")
-        try:
-            loaded = load_rgb(image)
-        except ImageSkipped as skipped:
-            raise UserError(f"cannot read image {image}: {skipped}") from None
-        hits = self.index.search_vector(encode_images(self.index.clip, [loaded.image]), str(image),
+        hits = self.index.search_vector(encode_images(self.index.clip, [load_named_image(image)]), str(image),
                                         k=self.neighbours + 1).results
         rows = [hit.image_id for hit in hits if hit.image_id != row][: self.neighbours]
         return np.sort(np.concatenate([self.captions_of_image[r] for r in rows] or [np.zeros(0, dtype=np.int64)])), False
