@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,8 +44,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from vqa_search.atomic import atomic_path, write_json
-from vqa_search.encode import (autocast, encode_text_trimmed, project_text, supports_trimmed_text, text_input,
-                               token_lengths)
+from vqa_search.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
 from vqa_search.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
 from vqa_search.indexer.image_stream import decoded_batches, default_workers, unindexed_records
@@ -54,6 +52,8 @@ from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIden
 from vqa_search.retrieval.metrics import summarize
 from vqa_search.retrieval.recall import embed_gallery, gallery_ranks, split_texts
 from vqa_search.retrieval.recall_report import pyplot
+from vqa_search.tower_blocks import image_prefix, image_suffix, text_prefix, text_suffix
+from vqa_search.training import beside, config_json, cosine_with_warmup, plot_training, seed_everything
 
 log = logging.getLogger("vqa_search")
 
@@ -192,17 +192,6 @@ def mean_recall(val: dict[str, dict[str, float]]) -> float:
     return float(np.mean([val[direction][f"R@{k}"] for direction in ("t2i", "i2t") for k in RECALL_KS]))
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed every random source a run may touch.
-
-    The returned generator draws each epoch's image order and captions; data loaders never shuffle.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def save_checkpoint(model: nn.Module, path: Path, base: ModelIdentity, record: dict, config: FinetuneConfig) -> Path:
     """The full open_clip state dict as safetensors (no pickle), with where it came from in the metadata."""
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
@@ -227,45 +216,6 @@ def frozen_blocks(model: nn.Module, unfreeze_last: int) -> tuple[int | None, int
         raise UserError(f"--unfreeze-last {unfreeze_last} is more than the model has: {image_depth} image and "
                         f"{text_depth} text blocks")
     return image_depth - unfreeze_last, text_depth - unfreeze_last
-
-
-def image_prefix(model: CLIP, pixels: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The residual stream entering image block `blocks`: patches, class token, positions, ln_pre, first blocks."""
-    return _run_blocks(model.visual.transformer.resblocks[:blocks], model.visual._embeds(pixels))
-
-
-def image_suffix(model: CLIP, stream: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Image features from the stream entering block `blocks`: the remaining blocks, pooling, projection."""
-    return image_suffix_tokens(model, stream, blocks)[0]
-
-
-def image_suffix_tokens(model: CLIP, stream: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """image_suffix, and the patch tokens after ln_post (B, patches, width) that the pooling leaves."""
-    visual = model.visual
-    pooled, tokens = visual._pool(_run_blocks(visual.transformer.resblocks[blocks:], stream))
-    return (pooled @ visual.proj if visual.proj is not None else pooled), tokens
-
-
-def text_prefix(model: CLIP, tokens: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The residual stream entering text block `blocks`, for tokens cut to any length."""
-    return _run_blocks(model.transformer.resblocks[:blocks], text_input(model, tokens), _causal_mask(model, tokens))
-
-
-def text_suffix(model: CLIP, stream: torch.Tensor, tokens: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Text features from the stream entering block `blocks`; rows after a caption's end may hold anything."""
-    states = _run_blocks(model.transformer.resblocks[blocks:], stream, _causal_mask(model, tokens))
-    return project_text(model, model.ln_final(states), tokens)
-
-
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    for block in blocks:
-        x = block(x, attn_mask=attn_mask)
-    return x
-
-
-def _causal_mask(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
-    """The text tower is causal, so a caption's states never depend on the padding after it."""
-    return model.attn_mask[: tokens.shape[1], : tokens.shape[1]]
 
 
 @dataclass
@@ -398,19 +348,6 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
         return torch.optim.AdamW(groups, **options)
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,
-                        warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to zero over the planned epochs (early stopping just cuts it short)."""
-    warmup = int(total_steps * warmup_fraction)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _train_epoch(clip: Clip, images: _TrainImages, texts: _TrainTexts, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
                  generator: torch.Generator, batch_size: int, steps: int, config: FinetuneConfig,
@@ -439,27 +376,6 @@ def _train_epoch(clip: Clip, images: _TrainImages, texts: _TrainTexts, optimizer
     return float(np.mean(losses))
 
 
-def plot_training(plt, history: list[dict], best_epoch: int, out: Path, title: str,
-                  scores: dict[str, list[float]]) -> Path:
-    """Training loss and the val scores per epoch side by side, the kept epoch marked."""
-    epochs = [record["epoch"] for record in history]
-    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
-    loss_axis.plot(epochs, [record["loss"] for record in history], marker="o")
-    loss_axis.set(title="training loss", xlabel="epoch")
-    for label, values in scores.items():
-        score_axis.plot(epochs, values, marker="o", label=label)
-    score_axis.set(title=title, xlabel="epoch")
-    score_axis.legend(fontsize=8)
-    for axis in (loss_axis, score_axis):
-        axis.axvline(best_epoch, color="gray", linestyle=":", label="kept")
-        axis.grid(True, alpha=0.3)
-    figure.tight_layout()
-    with atomic_path(out) as temp:
-        figure.savefig(temp, format="png", dpi=120)
-    plt.close(figure)
-    return out
-
-
 def _check(out: Path, config: FinetuneConfig) -> Path:
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, the suffix by which `--pretrained` knows the format "
@@ -476,13 +392,3 @@ def _check(out: Path, config: FinetuneConfig) -> Path:
     if not 0 <= config.warmup < 1:
         raise UserError(f"warmup is a fraction of all steps in [0, 1) (got {config.warmup})")
     return out
-
-
-def beside(checkpoint: Path, suffix: str) -> Path:
-    """A file next to a checkpoint: CKPT.history.json, CKPT.curve.png."""
-    return checkpoint.with_name(checkpoint.stem + suffix)
-
-
-def config_json(config) -> dict:
-    """A training config dataclass as JSON (paths as strings), for history files and checkpoint metadata."""
-    return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(config).items()}
