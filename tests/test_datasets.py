@@ -144,7 +144,7 @@ def test_plain_folder_is_scanned_recursively(tmp_path):
 
     assert data.images_dir == tmp_path
     assert data.images == ["a.png", "b.JPG", "trip/d.Jpeg", "trip/day1/c.WebP"]
-    assert scan_images(tmp_path) == data.images
+    assert scan_images(tmp_path) == (data.images, {})
     assert (data.captions, data.splits, data.caption_source) == ([], {}, None)
     assert (data.missing_images, data.missing_captions) == (0, 0)
 

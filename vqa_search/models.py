@@ -18,8 +18,10 @@ from typing import Callable
 import open_clip
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 from vqa_search.errors import UserError
+from vqa_search.files import open_regular
 
 DEFAULT_MODEL = "ViT-B-32"
 # laion2b_s34b_b79k beats the `openai` weights by about 8 R@1 points on Flickr30k at the same cost.
@@ -34,6 +36,10 @@ open_clip.add_model_config(_CONFIG_DIR)
 
 _HUB_HOST = "huggingface.co"
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# What reading a crafted or damaged checkpoint raises (torch.load with weights_only, safetensors, zip).
+_READ_ERRORS = (RuntimeError, OSError, ValueError, EOFError, UnpicklingError, zipfile.BadZipFile, SafetensorError)
+# open_clip reads a cached file with fewer checks: a crafted one can also fail in its own code.
+_TAG_LOAD_ERRORS = (*_READ_ERRORS, KeyError, AttributeError, StopIteration, TypeError)
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def default_device() -> torch.device:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -128,14 +134,18 @@ def _create(model_name: str, pretrained: str | None):
 
 
 def _create_from_tag(model_name: str, tag: str):
-    if not _weights_cached(model_name, tag) and not _hub_reachable():
+    cached = _cached_weights(model_name, tag)
+    if cached is None and not _hub_reachable():
         raise UserError(_offline_message(model_name, tag))
+    if cached is not None and _is_torchscript_archive(cached):
+        raise UserError(_torchscript_message(cached))
     try:
         return _create(model_name, pretrained=tag)
-    except RuntimeError as error:
+    except _TAG_LOAD_ERRORS as error:
         if "download" in str(error).lower():
             raise UserError(_offline_message(model_name, tag)) from None
-        raise
+        where = f" from {cached}" if cached else ""
+        raise UserError(f"cannot load the pretrained weights {tag!r} of {model_name}{where}: {_first_line(error)}") from None
 
 
 def _offline_message(model_name: str, tag: str) -> str:
@@ -148,21 +158,22 @@ def _offline_message(model_name: str, tag: str) -> str:
     )
 
 
-def _weights_cached(model_name: str, tag: str) -> bool:
-    """True when open_clip would find the weights without the network."""
+def _cached_weights(model_name: str, tag: str) -> Path | None:
+    """The file open_clip would load without the network, in the order it tries them; None if none is cached."""
     cfg = open_clip.get_pretrained_cfg(model_name, tag)
     hub_id = cfg.get("hf_hub", "")
     if not hub_id:
-        return False
+        return None
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return False
+        return None
     repo_id = "/".join(hub_id.rstrip("/").split("/")[:2])
-    for filename in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors"):
-        if isinstance(try_to_load_from_cache(repo_id, filename), str):
-            return True
-    return False
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+    return None
 
 
 def _hub_reachable() -> bool:
@@ -192,29 +203,51 @@ def _load_checkpoint_file(model: torch.nn.Module, path: Path, model_name: str) -
         )
 
 
-def read_state_dict(path: Path) -> dict:
-    """open_clip, OpenAI (TorchScript archive or plain) and this project's checkpoints, never unpickling code."""
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """open_clip, OpenAI (plain) and this project's checkpoints, read without running anything inside them."""
+    if _is_torchscript_archive(path):
+        raise UserError(_torchscript_message(path))
     try:
-        if _is_torchscript_archive(path):
-            # OpenAI's released .pt files are TorchScript archives; jit.load restores tensors, not Python objects.
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        if path.suffix == ".safetensors":
+            checkpoint = load_safetensors(str(path), device="cpu")
         else:
-            state_dict = open_clip.factory.load_state_dict(str(path), weights_only=True)
-    except (RuntimeError, OSError, ValueError, UnpicklingError, zipfile.BadZipFile, SafetensorError) as error:
-        raise UserError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(state_dict, dict) or not state_dict:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except _READ_ERRORS as error:
+        raise UserError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
         raise UserError(f"checkpoint {path} holds no model weights")
-    state_dict = dict(state_dict)
-    for key in _OPENAI_EXTRA_KEYS:
-        state_dict.pop(key, None)
-    return state_dict
+    if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in checkpoint.items()):
+        raise UserError(f"checkpoint {path} is not a state dict (names to tensors)")
+    if all(key.startswith("module.") for key in checkpoint):  # saved from DistributedDataParallel
+        checkpoint = {key[len("module."):]: value for key, value in checkpoint.items()}
+    return {key: value for key, value in checkpoint.items() if key not in _OPENAI_EXTRA_KEYS}
 
 
 def _is_torchscript_archive(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+    """OpenAI's released .pt files are TorchScript: loading one runs the Python-like code stored inside."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False  # torch.load says what is wrong with the file
+
+
+def _torchscript_message(path: Path) -> str:
+    return (
+        f"checkpoint {path} is a TorchScript archive (OpenAI's original .pt format), and loading one runs the "
+        "code inside it, so vqa-search refuses it. Use the same weights as a plain file: for OpenAI's CLIP, "
+        "--pretrained openai (open_clip's tag); or, only if you trust the file, convert it once: python -c "
+        f"\"import torch; from safetensors.torch import save_file; save_file(torch.jit.load('{path}').state_dict(), "
+        f"'{path.with_suffix('.safetensors')}')\""
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _looks_like_path(value: str) -> bool:

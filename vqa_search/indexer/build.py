@@ -22,6 +22,7 @@ from tqdm import tqdm
 from vqa_search import __version__
 from vqa_search.encode import encode_image_batch, encode_texts
 from vqa_search.errors import UserError
+from vqa_search.files import os_error_reason
 from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Dataset, read_dataset
 from vqa_search.indexer.image_stream import decoded_batches, default_workers
 from vqa_search.indexer.store import (
@@ -88,7 +89,7 @@ class BuildReport:
 def build_index(dataset: Path | str, config: BuildConfig = BuildConfig()) -> BuildReport:
     started = time.perf_counter()
     data = read_dataset(dataset, captions=config.captions, images=config.images)
-    if not data.images:
+    if not data.images and not data.unreadable:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images in {data.images_dir} (looked for {extensions}, in subfolders too)")
     if config.batch_size < 1:
@@ -124,6 +125,8 @@ class _Builder:
         records, embedded_images = self._image_records()
         indexed = [r for r in records if r.reason is None]
         skipped = [_skipped_entry(r) for r in records if r.reason is not None]
+        skipped += [{"path": path, "reason": reason, "bytes": 0, "mtime_ns": 0, "sha256": ""}
+                    for path, reason in self.data.unreadable.items()]
         if not indexed:
             first = f" (e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
             raise UserError(f"no readable image in {self.data.images_dir}: {len(skipped)} files skipped{first}")
@@ -176,13 +179,17 @@ class _Builder:
         records: dict[str, ImageRecord] = {}
         to_embed: list[ImageRecord] = []
         for path in self.data.images:
-            stat = (self.data.images_dir / path).stat()
-            state = FileState(path, stat.st_size, stat.st_mtime_ns)
-            known = self.cache.by_state.get(state)
-            if known is not None:
-                records[path] = known
+            try:
+                stat = (self.data.images_dir / path).stat()
+                state = FileState(path, stat.st_size, stat.st_mtime_ns)
+                known = self.cache.by_state.get(state)
+                if known is not None:
+                    records[path] = known
+                    continue
+                sha = sha256_file(self.data.images_dir / path)
+            except OSError as error:  # changed since the scan: deleted, replaced by a FIFO, unreadable
+                records[path] = ImageRecord(FileState(path, 0, 0), "", reason=os_error_reason(error))
                 continue
-            sha = sha256_file(self.data.images_dir / path)
             same_content = self.cache.by_sha256.get(sha)
             if same_content is not None:  # touched or moved, not changed
                 records[path] = ImageRecord(state, sha, same_content.width, same_content.height, None,

@@ -8,6 +8,7 @@ errors. Malformed caption files, on the other hand, fail loudly with the file an
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, TextIO
 
 from vqa_search.errors import UserError
+from vqa_search.files import not_regular_reason, os_error_reason
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
@@ -52,6 +54,7 @@ class Dataset:
     missing_images: int  # distinct images named by captions/splits but not on disk
     missing_captions: int  # captions dropped because their image is missing
     split_missing: dict[str, int] = field(default_factory=dict)  # per split, images it names not on disk
+    unreadable: dict[str, str] = field(default_factory=dict)  # image-named entries that are not readable files
 
 
 @dataclass
@@ -86,18 +89,49 @@ def find_caption_file(root: Path) -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
-def scan_images(images_dir: Path) -> list[str]:
-    """Every image file below images_dir, skipping hidden entries such as the .vqa-search index."""
-    found = []
+def scan_images(images_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """Image files below images_dir, and the image-named entries that cannot be read (shown path -> reason).
+
+    Hidden entries (such as the .vqa-search index) are skipped. Symlinks to regular files are followed
+    wherever they point; symlinked folders are not entered, so nothing loops or is found twice. Every
+    problem a file name or file type can cause is found here, before any work is done.
+    """
+    found, unreadable = [], {}
     for folder, subfolders, files in os.walk(images_dir):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         relative_folder = PurePosixPath(Path(folder).relative_to(images_dir).as_posix())
-        found += [str(relative_folder / name) for name in files if _is_image_name(name)]
-    return sorted(found)
+        for name in filter(_is_image_name, files):
+            relative = str(relative_folder / name)
+            reason = _unreadable_reason(Path(folder) / name, relative)
+            if reason is None:
+                found.append(relative)
+            else:
+                unreadable[printable_path(relative)] = reason
+    return sorted(found), dict(sorted(unreadable.items()))
 
 
 def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def printable_path(path: str) -> str:
+    """A path as text that can be written anywhere: undecodable bytes shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unreadable_reason(path: Path, relative: str) -> str | None:
+    """Why a file cannot be indexed, judged from its name and type alone; None when it can."""
+    if printable_path(relative) != relative:
+        return "file name is not valid UTF-8 (rename the file to index it)"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken symlink (its target does not exist)" if path.is_symlink() else "vanished during the scan"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symlink loop"
+        return os_error_reason(error)
+    return not_regular_reason(mode)
 
 
 def _read_caption_file(path: Path) -> _Named:
@@ -200,7 +234,7 @@ def _open_text(path: Path) -> Iterator[TextIO]:
 def _match(root: Path, images_dir: Path, caption_source: Path | None, captions: list[Caption],
            splits: dict[str, list[str]]) -> Dataset:
     """Keep what is on disk and count what is not: partial downloads are normal, not errors."""
-    images = scan_images(images_dir)
+    images, unreadable = scan_images(images_dir)
     on_disk = set(images)
     named = {caption.image for caption in captions}.union(*splits.values())
     located = {name: _locate(name, on_disk) for name in named}
@@ -215,6 +249,7 @@ def _match(root: Path, images_dir: Path, caption_source: Path | None, captions: 
         missing_images=sum(1 for path in located.values() if path is None),
         missing_captions=sum(1 for c in captions if located[c.image] is None),
         split_missing={split: sum(1 for n in set(names) if located[n] is None) for split, names in splits.items()},
+        unreadable=unreadable,
     )
 
 

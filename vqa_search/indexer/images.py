@@ -7,18 +7,26 @@ workers can pickle it.
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from vqa_search.errors import UserError
+from vqa_search.files import NotARegularFile, open_regular
 
 MAX_PIXELS = 89_478_485  # PIL's own default limit, about 9500 x 9500
+# Longer images are center-cropped to this ratio when decoded. Preprocessing scales the short side up
+# to the model's size, so without a bound a 1 x 20000 PNG of 166 bytes became 224 x 4.5 million
+# pixels (+4 GB). CLIP's center crop sees only the middle square, so panoramas up to 8:1 are untouched
+# and longer ones lose nothing CLIP would have seen.
+MAX_ASPECT_RATIO = 8
 WHITE = (255, 255, 255)
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 MAX_REASON_LENGTH = 100
@@ -36,16 +44,17 @@ class ImageSkipped(Exception):
 @dataclass
 class LoadedImage:
     image: Image.Image  # RGB, EXIF orientation applied, detached from the file
-    width: int  # after EXIF transpose, as people see the photo
+    width: int  # after EXIF transpose (as people see the photo) and the aspect-ratio bound
     height: int
 
 
 def load_rgb(path: Path) -> LoadedImage:
     """Open, fully decode and normalise one photo; raises ImageSkipped for anything unreadable."""
     try:
-        if Path(path).stat().st_size == 0:
-            raise ImageSkipped("empty file")
-        image = _decode(Path(path))
+        with open_regular(path) as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise ImageSkipped("empty file")
+            image = _decode(handle)
     except _DECODE_ERRORS as error:
         raise ImageSkipped(_reason(error)) from error
     return LoadedImage(image, image.width, image.height)
@@ -54,7 +63,7 @@ def load_rgb(path: Path) -> LoadedImage:
 def load_named_image(path: Path | str, what: str = "image") -> Image.Image:
     """A photo the user named (a query, a question's image): missing or unreadable is a one-line error."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{what} not found: {path}")
     try:
         return load_rgb(path).image
@@ -62,18 +71,31 @@ def load_named_image(path: Path | str, what: str = "image") -> Image.Image:
         raise UserError(f"cannot read {what} {path}: {skipped}") from None
 
 
-def _decode(path: Path) -> Image.Image:
+def _decode(handle: BinaryIO) -> Image.Image:
     """Check the size before decoding pixels, then load eagerly so truncation surfaces here.
 
     ImageFile.LOAD_TRUNCATED_IMAGES is left False: a half-copied photo must be reported, not padded with grey.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is enforced below
-        with Image.open(path) as opened:
+        with Image.open(handle) as opened:
             _refuse_bombs(opened.width * opened.height)
             opened.load()  # the first frame of an animation
             upright = ImageOps.exif_transpose(opened)  # always a copy, so the file can close
-    return _to_rgb(upright)
+    return _to_rgb(_bound_aspect_ratio(upright))
+
+
+def _bound_aspect_ratio(image: Image.Image) -> Image.Image:
+    """The middle of an extremely long image, at most MAX_ASPECT_RATIO times as long as it is wide."""
+    width, height = image.size
+    longest = MAX_ASPECT_RATIO * min(width, height)
+    if max(width, height) <= longest:
+        return image
+    if width > height:
+        left = (width - longest) // 2
+        return image.crop((left, 0, left + longest, height))
+    top = (height - longest) // 2
+    return image.crop((0, top, width, top + longest))
 
 
 def _refuse_bombs(pixels: int) -> None:
@@ -127,6 +149,8 @@ def _reason(error: Exception) -> str:
     if isinstance(error, Image.DecompressionBombError):
         match = _BOMB_PIXELS.search(str(error))
         return _bomb_reason(int(match.group(1))) if match else "decompression bomb"
+    if isinstance(error, NotARegularFile):
+        return str(error)
     if isinstance(error, Image.UnidentifiedImageError):
         return "not an image"
     if "truncated" in str(error).lower():
