@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import VisionTransformer
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from vqa_search.atomic import atomic_path, write_json
+from vqa_search.artifacts import save_artifact
+from vqa_search.atomic import write_json
 from vqa_search.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
 from vqa_search.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
@@ -194,14 +194,11 @@ def mean_recall(val: dict[str, dict[str, float]]) -> float:
 
 def save_checkpoint(model: nn.Module, path: Path, base: ModelIdentity, record: dict, config: FinetuneConfig) -> Path:
     """The full open_clip state dict as safetensors (no pickle), with where it came from in the metadata."""
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    metadata = {"format": FORMAT, "model": base.model, "base_pretrained": base.pretrained,
+    metadata = {"model": base.model, "base_pretrained": base.pretrained,
                 "base_sha256": base.sha256 or "", "epoch": str(record["epoch"]),
                 "val": json.dumps({direction: record[direction] for direction in ("t2i", "i2t")}),
                 "config": json.dumps(config_json(config))}
-    with atomic_path(path) as temp:
-        save_file(tensors, str(temp), metadata=metadata)
-    return path
+    return save_artifact(path, FORMAT, model.state_dict(), metadata)
 
 
 def frozen_blocks(model: nn.Module, unfreeze_last: int) -> tuple[int | None, int | None]:

@@ -21,14 +21,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vqa_search.atomic import atomic_path
-from vqa_search.errors import UserError
+from vqa_search.artifacts import (DIMENSION, FINITE, OPTIONAL_DIMENSION, ArtifactKind, Rule, expected_state,
+                                  open_artifact, save_artifact)
+from vqa_search.models import ModelIdentity
 
 FORMAT = "vqa-search-reranker/1"
+RERANKER_FILE = ArtifactKind(FORMAT, "re-ranker file", "a vqa-search re-ranker",
+                             "train one with `vqa-search train rerank`")
+# `regions` names a folder under INDEX_DIR/regions/: one plain name, never a path out of it.
+REGION_SET_NAME = Rule(lambda name: name not in ("", ".", "..") and not any(c in name for c in "/\\\0"),
+                       "naming a region set (a folder name)")
+CONFIG_RULES = {"token_dim": DIMENSION, "region_dim": DIMENSION, "attention_dim": DIMENSION,
+                "region_hidden": OPTIONAL_DIMENSION, "lam": FINITE, "regions": REGION_SET_NAME}
 
 
 @dataclass
@@ -124,25 +130,16 @@ def _bilinear(queries: torch.Tensor, region_map: nn.Linear, regions: torch.Tenso
 
 
 def save_reranker(model: CrossAttentionReranker, path: Path | str) -> Path:
-    path = Path(path)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    with atomic_path(path) as temp:
-        save_file(tensors, str(temp), metadata={"format": FORMAT, "config": json.dumps(asdict(model.config))})
-    return path
+    return save_artifact(path, FORMAT, model.state_dict(), {"config": json.dumps(asdict(model.config))})
 
 
 def load_reranker(path: Path | str, device: torch.device | str = "cpu") -> CrossAttentionReranker:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"re-ranker file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
-    except (OSError, SafetensorError) as error:
-        raise UserError(f"cannot read re-ranker {path}: {str(error).splitlines()[0]}") from None
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{path} is not a vqa-search re-ranker (train one with `vqa-search train rerank`)")
-    model = CrossAttentionReranker(RerankerConfig(**json.loads(metadata["config"])))
+    """The re-ranker at `path`; its config and tensor header are checked before anything is built."""
+    with open_artifact(path, RERANKER_FILE) as artifact:
+        config = artifact.config(RerankerConfig, "config", CONFIG_RULES)
+        artifact.build(ModelIdentity, config.clip, 'config "clip"')  # what `load_reranker_for` compares
+        artifact.check_tensors(expected_state(lambda: CrossAttentionReranker(config)))
+        tensors = artifact.load(artifact.header)
+    model = CrossAttentionReranker(config)
     model.load_state_dict(tensors)
     return model.to(device)

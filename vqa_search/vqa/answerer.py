@@ -13,20 +13,38 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import open_clip
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from vqa_search.atomic import atomic_path
+from vqa_search.artifacts import (DIMENSION, DROPOUT, OPTIONAL_DIMENSION, Artifact, ArtifactKind, at_least,
+                                  expected_state, one_of, open_artifact, save_artifact)
 from vqa_search.errors import UserError
 from vqa_search.models import Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.vqa.answers import AnswerVocab
 from vqa_search.vqa.features import ImageFeatures, LocalEncoder
-from vqa_search.vqa.heads import AnswerHead, HeadConfig
+from vqa_search.vqa.heads import VARIANTS, AnswerHead, HeadConfig
 
 FORMAT = "vqa-search-vqa-head/1"
+HEAD_FILE = ArtifactKind(FORMAT, "head file", "a vqa-search answer head", "train one with `vqa-search train vqa`")
 LOSSES = ("bce", "ce")
 LOCAL_PREFIX = "local."
+HEAD_RULES = {"variant": one_of(VARIANTS), "answers": at_least(1), "embed_dim": DIMENSION,
+              "local_width": OPTIONAL_DIMENSION, "local_pooled_dim": OPTIONAL_DIMENSION, "hidden": DIMENSION,
+              "dropout": DROPOUT, "attention_heads": DIMENSION}
+
+
+@dataclass
+class LocalRecord:
+    """The metadata's "local": the local encoder's base weights and how many of its blocks the file holds."""
+
+    model: str
+    pretrained: str
+    unfreeze_last: int
+    sha256: str | None = None
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(self.model, self.pretrained, self.sha256)
 
 
 @dataclass
@@ -73,13 +91,10 @@ class Answerer:
 
     def save(self, path: Path | str, record: dict) -> Path:
         """Head weights, the local encoder's trained weights, and in the metadata what to load them with."""
-        path = Path(path)
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.head.state_dict().items()}
+        tensors = dict(self.head.state_dict())
         if self.local is not None:
-            tensors |= {LOCAL_PREFIX + name: tensor.detach().cpu().contiguous()
-                        for name, tensor in self.local.trainable_state().items()}
+            tensors |= {LOCAL_PREFIX + name: tensor for name, tensor in self.local.trainable_state().items()}
         metadata = {
-            "format": FORMAT,
             "head": json.dumps(asdict(self.head.config)),
             "vocab": json.dumps(self.vocab.to_json()),
             "loss": self.loss,
@@ -88,37 +103,78 @@ class Answerer:
                                 {**self.local.clip.identity.to_json(), "unfreeze_last": self.local.unfreeze_last}),
             "record": json.dumps(record),
         }
-        with atomic_path(path) as temp:
-            save_file(tensors, str(temp), metadata=metadata)
-        return path
+        return save_artifact(path, FORMAT, tensors, metadata)
 
 
 def load_answerer(path: Path | str, device: torch.device | None = None) -> Answerer:
-    """A head file and the CLIP weights it names; a moved or changed checkpoint is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"head file not found: {path} (train one with `vqa-search train vqa`)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as error:
-        raise UserError(f"cannot read head file {path}: {str(error).splitlines()[0]}") from None
-    if metadata.get("format") != FORMAT:
-        raise UserError(f"{path} is not a vqa-search answer head (train one with `vqa-search train vqa`)")
-    clip = load_clip(_same_weights(ModelIdentity.from_json(json.loads(metadata["clip"])), path), device)
-    local = None
-    if local_json := json.loads(metadata["local"]):
-        local_clip = load_clip(_same_weights(ModelIdentity.from_json(local_json), path), device)
-        local = LocalEncoder(local_clip, local_json["unfreeze_last"])
-        local.model.load_state_dict({name[len(LOCAL_PREFIX):]: tensor for name, tensor in tensors.items()
-                                     if name.startswith(LOCAL_PREFIX)}, strict=False)
-    head = AnswerHead(HeadConfig(**json.loads(metadata["head"])))
-    head.load_state_dict({name: tensor for name, tensor in tensors.items() if not name.startswith(LOCAL_PREFIX)})
-    answerer = Answerer(head.to(clip.device), AnswerVocab.from_json(json.loads(metadata["vocab"])), clip, local,
-                        metadata["loss"])
+    """A head file and the CLIP weights it names; a moved or changed checkpoint is a clear error.
+
+    Everything the file says is checked before the CLIPs load, and the head's tensors against the
+    head its config describes; the local encoder's tensors once it exists to compare them with.
+    """
+    with open_artifact(path, HEAD_FILE) as artifact:
+        config, vocab, loss, clip_identity, local_record = _read_metadata(artifact)
+        head_names = [name for name in artifact.header if local_record is None or not name.startswith(LOCAL_PREFIX)]
+        artifact.check_tensors(expected_state(lambda: AnswerHead(config)), head_names)
+        clip = load_clip(_same_weights(clip_identity, artifact.path), device)
+        _must_match(artifact, "embed_dim", config.embed_dim, "its CLIP",
+                    open_clip.get_model_config(clip.identity.model)["embed_dim"])
+        local = None if local_record is None else _local_encoder(artifact, local_record, config, device)
+        head = AnswerHead(config)
+        head.load_state_dict(artifact.load(head_names))
+    answerer = Answerer(head.to(clip.device), vocab, clip, local, loss)
     answerer.train(False)
     return answerer
+
+
+def _read_metadata(artifact: Artifact) -> tuple[HeadConfig, AnswerVocab, str, ModelIdentity, LocalRecord | None]:
+    """The metadata, field by field, and how its parts must agree (vocabulary and head, variant and local encoder)."""
+    config = artifact.config(HeadConfig, "head", HEAD_RULES)
+    if config.variant == "dual-attention" and config.embed_dim % config.attention_heads:
+        raise artifact.error(f"the head's attention_heads ({config.attention_heads}) must divide its embed_dim "
+                             f"({config.embed_dim})")
+    answers = artifact.json_value("vocab")
+    if not isinstance(answers, list) or not all(isinstance(answer, str) for answer in answers):
+        raise artifact.error('the metadata\'s "vocab" must be a JSON list of answer strings')
+    if len(answers) != config.answers:
+        raise artifact.error(f"the vocabulary has {len(answers)} answers, the head {config.answers}")
+    loss = artifact.text("loss")
+    if loss not in LOSSES:
+        raise artifact.error(f'the metadata\'s "loss" must be one of {", ".join(LOSSES)} (got {loss[:40]!r})')
+    clip_identity = artifact.config(ModelIdentity, "clip")
+    local_json = artifact.json_value("local")
+    local_record = None if local_json is None else artifact.build(LocalRecord, local_json, "local",
+                                                                  {"unfreeze_last": at_least(0)})
+    if (config.variant == "baseline") != (local_record is None):
+        raise artifact.error(f"a {config.variant} head {'needs no' if local_record else 'needs a'} local encoder, "
+                             f"but \"local\" is {'set' if local_record else 'null'}")
+    return config, AnswerVocab.from_json(answers), loss, clip_identity, local_record
+
+
+def _local_encoder(artifact: Artifact, record: LocalRecord, config: HeadConfig,
+                   device: torch.device | None) -> LocalEncoder:
+    """The local encoder with the file's trained blocks, once their names and shapes are its own."""
+    clip = load_clip(_same_weights(record.identity, artifact.path), device)
+    try:
+        local = LocalEncoder(clip, record.unfreeze_last)
+    except UserError as error:
+        raise artifact.error(f"its local encoder: {error}") from None
+    if config.variant == "dual-attention":
+        _must_match(artifact, "local_width", config.local_width, "its local encoder", local.width)
+    else:
+        _must_match(artifact, "local_pooled_dim", config.local_pooled_dim, "its local encoder", local.pooled_dim)
+    local_names = [name for name in artifact.header if name.startswith(LOCAL_PREFIX)]
+    artifact.check_tensors({LOCAL_PREFIX + name: tensor for name, tensor in local.trainable_state().items()},
+                           local_names)
+    local.model.load_state_dict({name[len(LOCAL_PREFIX):]: tensor
+                                 for name, tensor in artifact.load(local_names).items()}, strict=False)
+    return local
+
+
+def _must_match(artifact: Artifact, field: str, value: int, model: str, actual: int) -> None:
+    """A head dimension equals what the model feeding it produces, or the first answer would fail mid-forward."""
+    if value != actual:
+        raise artifact.error(f"the head's {field} is {value}, but {model} gives {actual}")
 
 
 def _same_weights(recorded: ModelIdentity, head_path: Path) -> ModelIdentity:
