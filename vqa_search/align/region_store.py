@@ -56,6 +56,10 @@ class RegionDir(IndexDir):
     def shards(self) -> Path:
         return self.path / "shards"
 
+    def kept_for_resume(self) -> str:
+        """Uncommitted shards live beside the committed ones; a failed flush or commit removes neither."""
+        return f"the computed shards in {self.shards} are kept and the next run reuses them"
+
 
 @dataclass
 class RegionReport:
@@ -137,9 +141,8 @@ class _Update:
             return
         images_root = self.index.images_root
         _check_unchanged(images_root, states)
-        self.dir.shards.mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(self.dir.shards, self.kind, rows_per_shard=self.config.rows_per_shard,
-                             arrays=ARRAYS, schema=SHARD_SCHEMA)
+        writer = ShardWriter(self.dir, self.dir.shards, self.kind, rows_per_shard=self.config.rows_per_shard,
+                             arrays=ARRAYS, schema=SHARD_SCHEMA, items="images", done="computed")
         bar = tqdm(total=len(states), unit="img", desc=f"regions ({self.extractor.name})",
                    disable=not self.config.progress, smoothing=0.1)
         records = [ImageRecord(state, sha256="") for state in states]

@@ -13,10 +13,14 @@
 
 A query reads the manifest, then only files of the generation it names, so it never sees a
 half-written index. A shard counts once its parquet file exists (written after its .npy).
+
+A full or read-only disk is one line (`IndexDir.writing`): what failed, where, and what was kept. A
+failed commit removes what it wrote; the live generation and pending/ stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -25,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import faiss
 import numpy as np
@@ -53,6 +57,10 @@ IMAGE_RECORD_SCHEMA = pa.schema(
 )
 IMAGES_SCHEMA = pa.schema([("id", pa.int64())] + [f for f in IMAGE_RECORD_SCHEMA if f.name != "reason"])
 CAPTIONS_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
+
+# Failures of the disk rather than of vqa-search: told in one line, not a traceback.
+OUT_OF_SPACE = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
+NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -128,26 +136,52 @@ class IndexDir:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """One writer at a time; the kernel drops the lock if the writer dies, even by kill -9."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as handle:
+        """One writer at a time; the kernel drops the lock if the writer dies, even by kill -9.
+
+        Taking it writes, so a read-only index fails here, before any work, even when nothing changed.
+        """
+        target = f"the {self.what} at {self.path}"
+        with self.writing(target, lambda: "nothing was written"):
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / ".lock", "a+b", buffering=0)  # unbuffered: no second write at close
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.seek(0)
-                holder = handle.read().strip() or "unknown"
+                holder = handle.read().decode(errors="replace").strip() or "unknown"
                 raise UserError(
                     f"another vqa-search process (pid {holder}) is writing the index at {self.path}; "
                     "wait for it to finish or stop it"
                 ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(str(os.getpid()))
-            handle.flush()
+            with self.writing(target, lambda: "nothing was written"):
+                handle.truncate(0)
+                handle.write(str(os.getpid()).encode())
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def writing(self, target: str, kept: Callable[[], str]) -> Iterator[None]:
+        """A full or read-only disk while writing `target` becomes one UserError line.
+
+        The line says what failed, where, and what was kept: `kept` is asked after the failure, so it
+        counts what really reached the disk.
+        """
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in OUT_OF_SPACE and error.errno not in NOT_WRITABLE:
+                raise
+            reason = os.strerror(error.errno)
+            if error.errno in OUT_OF_SPACE:
+                failed = f"{OUT_OF_SPACE[error.errno]} ({reason}) writing {target}"
+            else:
+                failed = f"cannot write {target} ({reason})"
+            committed = (f"the committed {self.what} is unchanged" if self.exists()
+                         else f"no {self.what} was committed here yet")
+            raise UserError(f"{failed}: {_joined(kept(), committed)}") from None
 
     # ---- the embedding cache -------------------------------------------------------------
 
@@ -196,26 +230,55 @@ class IndexDir:
         shutil.rmtree(self.pending, ignore_errors=True)
 
     def shard_writer(self, kind: str, identity: ModelIdentity, **kwargs) -> "ShardWriter":
-        self.pending.mkdir(parents=True, exist_ok=True)
-        write_json(self.pending / "model.json", identity.to_json())
-        return ShardWriter(self.pending, kind, **kwargs)
+        with self.writing(f"model.json in {self.pending}", self.kept_for_resume):
+            self.pending.mkdir(parents=True, exist_ok=True)
+            write_json(self.pending / "model.json", identity.to_json())
+        return ShardWriter(self, self.pending, kind, **kwargs)
+
+    def kept_for_resume(self) -> str:
+        """What pending/ holds for the next run, counted from the complete shards on disk: those of this
+        run's other writer and of an interrupted run count too."""
+        rows: dict[str, int] = {}
+        for table in sorted(self.pending.glob("*-*.parquet")):
+            kind = table.stem.rsplit("-", 1)[0]
+            rows[kind] = rows.get(kind, 0) + pq.read_metadata(table).num_rows
+        if not rows:
+            return ""
+        counts = " and ".join(f"{count:,} {kind}" for kind, count in rows.items())
+        return f"the shards of {counts} in {self.pending} are kept and the next run resumes from them"
 
     # ---- committing ----------------------------------------------------------------------
 
     def commit(self, files: dict[str, object], manifest: dict) -> Path:
-        """Write a new generation, then the manifest naming it; then drop what is two generations old."""
+        """Write a new generation, then the manifest naming it; then drop what is two generations old.
+
+        If that fails, what it wrote is removed, so a full disk gets its space back, and the manifest,
+        the live generation and pending/ are as they were for the next run.
+        """
         previous = self.read_manifest()["generation"] if self.exists() else 0
         number = previous + 1
         gen = self.generation(number)
         staging = self.path / f".staging-{number:06d}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name, content in files.items():
-            _write_file(staging / name, content)
-        shutil.rmtree(gen, ignore_errors=True)
-        os.replace(staging, gen)
-        _fsync_dir(self.path)
-        write_json(self.manifest_path, {**manifest, "generation": number})
+        with self.writing(f"generation {gen.name} in {self.path}",
+                          lambda: _joined("it was removed", self.kept_for_resume())):
+            for stale in self.path.glob(".staging-*"):  # left by a writer killed while committing
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                staging.mkdir()
+                for name, content in files.items():
+                    _write_file(staging / name, content)
+                shutil.rmtree(gen, ignore_errors=True)
+                os.replace(staging, gen)
+                _fsync_dir(self.path)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(gen, ignore_errors=True)
+                raise
+            try:
+                write_json(self.manifest_path, {**manifest, "generation": number})
+            except OSError:  # the manifest was not replaced: nothing names the new generation
+                shutil.rmtree(gen, ignore_errors=True)
+                raise
         # The previous generation stays one more commit, so a searcher opened on it keeps working.
         keep = {gen, self.generation(previous)}
         for old in self.path.glob("gen-*"):
@@ -230,13 +293,20 @@ class ShardWriter:
 
     A shard is one `.npy` per array (`{kind}-N.npy` for the index's vectors; named arrays such as
     regions' features and boxes go to `{kind}-N.<name>.npy`) and `{kind}-N.parquet` with the rows,
-    written last: a shard counts once its parquet exists.
+    written last: a shard counts once its parquet exists. `items` and `done` name the rows in error
+    messages ("the 1,024 images embedded for it are lost").
     """
 
-    def __init__(self, directory: Path, kind: str, rows_per_shard: int = 1024, seconds_per_shard: float = 30.0,
-                 arrays: dict[str, type] | None = None, schema: pa.Schema | None = None):
+    def __init__(self, owner: IndexDir, directory: Path, kind: str, rows_per_shard: int = 1024,
+                 seconds_per_shard: float = 30.0, arrays: dict[str, type] | None = None,
+                 schema: pa.Schema | None = None, items: str | None = None, done: str = "embedded"):
+        with owner.writing(f"the folder {directory}", lambda: ""):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.owner = owner
         self.directory = directory
         self.kind = kind
+        self.items = items or kind
+        self.done = done
         self.rows_per_shard = rows_per_shard
         self.seconds_per_shard = seconds_per_shard
         self.arrays = arrays or {"": np.float32}  # array name ("" = the only one) -> dtype on disk
@@ -257,15 +327,41 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffered rows as the next shard.
+
+        When the disk refuses them they are dropped, not kept for another try: it would refuse them
+        again, and the callers' `finally: flush()` would bury the first error under a second.
+        """
         if not self._rows:
             return
         stem = f"{self.kind}-{self._next:06d}"
-        for name, buffer in self._buffers.items():
-            dtype = self.arrays[name]
-            stacked = np.stack(buffer) if buffer else np.zeros((0, 0), dtype)
-            _write_file(self.directory / shard_file(stem, name), stacked.astype(dtype))
-        _write_file(self.directory / f"{stem}.parquet", pa.Table.from_pylist(self._rows, schema=self.schema))
+        lost = f"the {len(self._rows):,} {self.items} {self.done} for it are lost and will be {self.done} again"
+        try:
+            with self.owner.writing(f"shard {stem} in {self.directory}",
+                                    lambda: _joined(lost, self.owner.kept_for_resume())):
+                self._write_shard(stem)
+        except UserError:
+            self._clear()
+            raise
         self._next += 1
+        self._clear()
+
+    def _write_shard(self, stem: str) -> None:
+        arrays_written: list[Path] = []
+        try:
+            for name, buffer in self._buffers.items():
+                dtype = self.arrays[name]
+                stacked = np.stack(buffer) if buffer else np.zeros((0, 0), dtype)
+                path = self.directory / shard_file(stem, name)
+                _write_file(path, stacked.astype(dtype))
+                arrays_written.append(path)
+            _write_file(self.directory / f"{stem}.parquet", pa.Table.from_pylist(self._rows, schema=self.schema))
+        except BaseException:
+            for path in arrays_written:  # without its parquet file a shard does not count, it only holds space
+                path.unlink(missing_ok=True)
+            raise
+
+    def _clear(self) -> None:
         self._rows = []
         self._buffers = {name: [] for name in self.arrays}
         self._last_flush = time.monotonic()
@@ -277,16 +373,26 @@ def shard_file(stem: str, array: str = "") -> str:
 
 
 def _write_file(path: Path, content: object) -> None:
+    """Every write goes through Python's file object, whose errors carry the errno `writing` needs:
+    np.save's short write has none, and faiss's own writer ignores a failed close."""
     with atomic_path(path) as temp:
         if isinstance(content, np.ndarray):
+            content = np.ascontiguousarray(content)
             with open(temp, "wb") as handle:
-                np.save(handle, content)
+                np.lib.format.write_array_header_1_0(handle, np.lib.format.header_data_from_array_1_0(content))
+                handle.write(content.data)
         elif isinstance(content, pa.Table):
             pq.write_table(content, temp)
         elif isinstance(content, faiss.Index):
-            faiss.write_index(content, str(temp))
+            with open(temp, "wb") as handle:
+                faiss.write_index(content, faiss.PyCallbackIOWriter(handle.write))
         else:
             raise TypeError(f"cannot write {type(content).__name__} to {path}")
+
+
+def _joined(*parts: str) -> str:
+    """Clauses of an error message; empty ones left out."""
+    return "; ".join(part for part in parts if part)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,8 +1,9 @@
 """Answer text->image, image->image, text->caption and image->caption queries from a committed index.
 
 The searcher reads the manifest once, then only the generation it names, so a concurrent `index`
-run can never show it a half-written state. The model is loaded on the first query and kept, so
-later queries only pay for one forward pass and a FAISS search.
+run can never show it a half-written state. That generation survives one more commit; a searcher
+still open after two says so and asks to be opened again. The model is loaded on the first query
+and kept, so later queries only pay for one forward pass and a FAISS search.
 """
 
 from __future__ import annotations
@@ -143,15 +144,27 @@ class Index:
     def embeddings(self, target: str = "images") -> np.ndarray:
         """The stored L2-normalised vectors (memory-mapped), row = image id or caption id."""
         name = "image_embeddings.npy" if target == "images" else "caption_embeddings.npy"
-        return np.load(self.generation / name, mmap_mode="r")
+        try:
+            return np.load(self.generation / name, mmap_mode="r")
+        except FileNotFoundError:
+            self._check_generation_kept()
+            raise
 
     def _faiss_index(self, target: str):
         if target not in self._faiss:
             path = self.generation / f"{target}.faiss"
             if not path.is_file():
+                self._check_generation_kept()
                 raise UserError(f"the index at {self.dir.path} has no {target[:-1]} vectors (no captions were indexed)")
             self._faiss[target] = read_faiss(path)
         return self._faiss[target]
+
+    def _check_generation_kept(self) -> None:
+        """Files are read when first needed, and the generation opened is deleted two commits later."""
+        if not self.generation.is_dir():
+            live = self.dir.read_manifest()["generation"]
+            raise UserError(f"the index at {self.dir.path} changed since it was opened (generation "
+                            f"{self.manifest['generation']} is gone, {live} is live): open it again")
 
     # ---- queries ---------------------------------------------------------------------------
 
