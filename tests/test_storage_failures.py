@@ -206,3 +206,11 @@ def test_a_commit_removes_staging_left_by_a_killed_writer(tmp_path):
     Index.build(album, **tiny_config())
     assert not list((album / ".vqa-search").glob(".staging-*"))
     assert len(Index.open(album).search(text="a photo").results) == 3
+
+
+def test_a_full_disk_anywhere_else_is_one_line_too(disk):
+    """Writers outside the index (generated datasets, reports) have no words of their own for it."""
+    _fill(disk)
+    result = _cli("make-shapes", str(disk / "shapes"), "--images", "8", "--quiet")
+    message = _one_line_error(result)
+    assert message.startswith(f"no space left on device: {disk / 'shapes'}/"), message

@@ -23,6 +23,10 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         with open(temp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temp, target)
+    except OSError as error:
+        if error.filename is None:  # a failed write names no file: say which one, for the one-line error
+            error.filename = str(target)
+        raise
     finally:
         temp.unlink(missing_ok=True)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Optional
 import typer
 
 from vqa_search.atomic import write_json, write_json_lines, write_text
-from vqa_search.errors import UserError
+from vqa_search.errors import NOT_WRITABLE, OUT_OF_SPACE, UserError
 from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 EXIT_USER_ERROR = 2
@@ -40,6 +41,11 @@ def _user_errors(command):
             return command(*args, **kwargs)
         except UserError as error:
             typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        except OSError as error:  # a full, read-only or forbidden place that no writer or reader described
+            if error.errno not in OUT_OF_SPACE and error.errno not in NOT_WRITABLE:
+                raise
+            typer.echo(f"error: {os.strerror(error.errno).lower()}: {error.filename or 'a file'}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)

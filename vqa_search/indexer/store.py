@@ -20,7 +20,6 @@ failed commit removes what it wrote; the live generation and pending/ stay as th
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -37,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vqa_search.atomic import atomic_path, write_json
-from vqa_search.errors import UserError
+from vqa_search.errors import UserError, storage_failure
 from vqa_search.models import ModelIdentity
 
 FORMAT_VERSION = 1
@@ -57,10 +56,6 @@ IMAGE_RECORD_SCHEMA = pa.schema(
 )
 IMAGES_SCHEMA = pa.schema([("id", pa.int64())] + [f for f in IMAGE_RECORD_SCHEMA if f.name != "reason"])
 CAPTIONS_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
-
-# Failures of the disk rather than of vqa-search: told in one line, not a traceback.
-OUT_OF_SPACE = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
-NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -172,13 +167,9 @@ class IndexDir:
         try:
             yield
         except OSError as error:
-            if error.errno not in OUT_OF_SPACE and error.errno not in NOT_WRITABLE:
+            failed = storage_failure(error, target)
+            if failed is None:
                 raise
-            reason = os.strerror(error.errno)
-            if error.errno in OUT_OF_SPACE:
-                failed = f"{OUT_OF_SPACE[error.errno]} ({reason}) writing {target}"
-            else:
-                failed = f"cannot write {target} ({reason})"
             committed = (f"the committed {self.what} is unchanged" if self.exists()
                          else f"no {self.what} was committed here yet")
             raise UserError(f"{failed}: {_joined(kept(), committed)}") from None
