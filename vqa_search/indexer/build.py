@@ -151,6 +151,7 @@ class _Builder:
                              embedded_captions, skipped, up_to_date=False, seconds=0.0,
                              embedding_seconds=self.embedding_seconds)
         if self._unchanged(images_table, captions_table, skipped):
+            self.index_dir.clear_pending()  # left by a run killed after its commit point: nothing to resume
             report.up_to_date = True
             return report
 

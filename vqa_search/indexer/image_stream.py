@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from vqa_search.encode import encode_image_batch
 from vqa_search.indexer.images import ImageSkipped, load_rgb
-from vqa_search.indexer.store import FileState, ImageRecord
+from vqa_search.indexer.store import FileState, ImageRecord, close_inherited_locks
 from vqa_search.models import Clip
 
 
@@ -67,6 +67,7 @@ def decoded_batches(
         num_workers=workers,
         collate_fn=partial(_collate, stack=stack),
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=close_inherited_locks,
         prefetch_factor=4 if workers else None,
     )
     yield from loader

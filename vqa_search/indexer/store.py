@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import faiss
 import numpy as np
@@ -56,6 +56,21 @@ IMAGE_RECORD_SCHEMA = pa.schema(
 )
 IMAGES_SCHEMA = pa.schema([("id", pa.int64())] + [f for f in IMAGE_RECORD_SCHEMA if f.name != "reason"])
 CAPTIONS_SCHEMA = pa.schema([("id", pa.int64()), ("image_id", pa.int64()), ("text", pa.string())])
+
+
+_HELD_LOCKS: list[BinaryIO] = []  # the lock files this process holds open
+
+
+def close_inherited_locks(_worker_id: int = 0) -> None:
+    """In a process forked from a writer (a decoding worker): close its copies of the lock files.
+
+    A flock belongs to the open file, which a fork shares: a worker outliving a writer killed with
+    kill -9 would otherwise hold the lock for seconds and have the resume refused. Closing a copy
+    does not unlock the writer's own.
+    """
+    for handle in _HELD_LOCKS:
+        handle.close()
+    _HELD_LOCKS.clear()
 
 
 @dataclass(frozen=True)
@@ -152,9 +167,11 @@ class IndexDir:
             with self.writing(target, lambda: "nothing was written"):
                 handle.truncate(0)
                 handle.write(str(os.getpid()).encode())
+            _HELD_LOCKS.append(handle)
             try:
                 yield
             finally:
+                _HELD_LOCKS.remove(handle)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextmanager
