@@ -116,9 +116,8 @@ def test_reranker_file(payload):
     _refused(lambda: load_reranker(archive), marker, match="cannot read re-ranker")
 
 
-def test_archive_in_the_hub_cache(payload, tmp_path, monkeypatch):
-    """The default path: a tag whose cached file (laid out as the hub lays it out) is an archive."""
-    archive, marker = payload
+def _hub_cache(tmp_path, monkeypatch, weights: bytes) -> Path:
+    """The default tag's weights file, laid out as the hub lays it out, holding `weights`."""
     import open_clip
 
     repo = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")["hf_hub"].strip("/")
@@ -127,14 +126,31 @@ def test_archive_in_the_hub_cache(payload, tmp_path, monkeypatch):
     snapshot.mkdir(parents=True)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    (snapshot / "open_clip_pytorch_model.bin").write_bytes(archive.read_bytes())
+    (snapshot / "open_clip_pytorch_model.bin").write_bytes(weights)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    message = _refused(lambda: load_clip(resolve_identity("ViT-B-32", "laion2b_s34b_b79k"), torch.device("cpu")),
-                       marker)
-    assert str(snapshot) in message
+    return snapshot / "open_clip_pytorch_model.bin"
+
+
+def _load_default_tag():
+    return load_clip(resolve_identity("ViT-B-32", "laion2b_s34b_b79k"), torch.device("cpu"))
+
+
+def test_archive_in_the_hub_cache(payload, tmp_path, monkeypatch):
+    """The default path: a tag whose cached file is an archive is refused before open_clip opens it."""
+    archive, marker = payload
+    cached = _hub_cache(tmp_path, monkeypatch, archive.read_bytes())
+    assert str(cached) in _refused(_load_default_tag, marker)
+
+
+def test_pickled_code_in_the_hub_cache(tmp_path, monkeypatch):
+    marker = tmp_path / "unpickled"
+    torch.save({"weight": _CreatesFileWhenUnpickled(str(marker))}, tmp_path / "pickled.bin")
+    cached = _hub_cache(tmp_path, monkeypatch, (tmp_path / "pickled.bin").read_bytes())
+    message = _refused(_load_default_tag, marker, match="cannot load the pretrained weights 'laion2b_s34b_b79k'")
+    assert str(cached) in message
 
 
 def test_pickled_code_in_a_plain_checkpoint(tmp_path):
