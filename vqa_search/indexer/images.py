@@ -64,7 +64,8 @@ def load_named_image(path: Path | str, what: str = "image") -> Image.Image:
     """A photo the user named (a query, a question's image): missing or unreadable is a one-line error."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{what} not found: {path}")
+        link = " (a broken symlink or a symlink loop)" if path.is_symlink() else ""
+        raise UserError(f"{what} not found: {path}{link}")
     try:
         return load_rgb(path).image
     except ImageSkipped as skipped:
