@@ -21,7 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from vqa_search.retrieval.faiss_index import IndexSpec, build_faiss, choose_spec, search
+from vqa_search.core.faiss_index import IndexSpec, build_faiss, choose_spec, search
 
 DIM = 512
 TOPICS = 500

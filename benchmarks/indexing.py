@@ -23,12 +23,12 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from vqa_search.encode import encode_texts
+from vqa_search.core.encode import encode_texts
 from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.indexer.datasets import read_dataset
-from vqa_search.indexer.store import CAPTIONS_SCHEMA, IMAGES_SCHEMA, FORMAT_VERSION, IndexDir
-from vqa_search.models import load_clip, resolve_identity
-from vqa_search.retrieval.faiss_index import IndexSpec, build_faiss
+from vqa_search.core.store import CAPTIONS_SCHEMA, IMAGES_SCHEMA, FORMAT_VERSION, IndexDir
+from vqa_search.core.models import load_clip, resolve_identity
+from vqa_search.core.faiss_index import IndexSpec, build_faiss
 from vqa_search.retrieval.searcher import Index
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample"

@@ -22,9 +22,9 @@ import torch
 from torchvision.models import detection
 
 from vqa_search.align.regions import DETECTORS, RegionConfig, load_extractor
-from vqa_search.atomic import write_json
-from vqa_search.indexer.images import load_rgb
-from vqa_search.models import load_clip, resolve_identity
+from vqa_search.core.atomic import write_json
+from vqa_search.core.images import load_rgb
+from vqa_search.core.models import load_clip, resolve_identity
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "flickr8k-sample" / "Images"
 

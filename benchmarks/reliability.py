@@ -46,10 +46,10 @@ import pyarrow.parquet as pq
 import torch
 
 from vqa_search.align.reranker import CrossAttentionReranker, save_reranker
-from vqa_search.atomic import write_json
+from vqa_search.core.atomic import write_json
 from vqa_search.cli import EXIT_USER_ERROR
-from vqa_search.indexer.store import IndexDir
-from vqa_search.models import TINY_MODEL
+from vqa_search.core.store import IndexDir
+from vqa_search.core.models import TINY_MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_artifacts import HEAD_FILES, RERANKER, RERANKER_FILES, randomized, rewrite, tiny_answerer  # noqa: E402
@@ -74,7 +74,7 @@ for args in json.loads(sys.stdin.read()):
 """
 BUILD_WITH_SMALL_SHARDS = """
 import json, logging, sys
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.build import BuildConfig, build_index
 logging.getLogger().setLevel(logging.ERROR)  # open_clip's note that the weights are random
 config = BuildConfig(model=sys.argv[2], pretrained="none", workers=1, rows_per_shard=int(sys.argv[3]), progress=False)

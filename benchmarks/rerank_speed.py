@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig
 from vqa_search.align.train_rerank import RerankTrainConfig, RerankTrainer, TrainingSplit
-from vqa_search.encode import encode_texts
-from vqa_search.models import load_clip, resolve_identity
-from vqa_search.retrieval.faiss_index import build_faiss, choose_spec, search
+from vqa_search.core.encode import encode_texts
+from vqa_search.core.models import load_clip, resolve_identity
+from vqa_search.core.faiss_index import build_faiss, choose_spec, search
 from vqa_search.retrieval.recall import Gallery
-from vqa_search.retrieval.rerank import FineInputs, caption_tokens, padded
+from vqa_search.align.rerank import FineInputs, caption_tokens, padded
 
 IMAGES, REGIONS, REGION_DIM, TOP = 8000, 36, 1024 + 7, 50
 TRAIN_IMAGES, CAPTIONS_PER_IMAGE = 6000, 5

@@ -18,9 +18,9 @@ from vqa_search.align.region_store import compute_regions
 from vqa_search.align.regions import RegionConfig
 from vqa_search.align.train_rerank import RerankTrainConfig, train_reranker
 from vqa_search.indexer.build import BuildConfig, build_index
-from vqa_search.models import TINY_MODEL
+from vqa_search.core.models import TINY_MODEL
 from vqa_search.retrieval.recall import RecallConfig, run_recall
-from vqa_search.retrieval.rerank import reranked_run
+from vqa_search.align.rerank import reranked_run
 
 STAGE2 = dict(epochs=4, batch_size=64, negatives=2, region_hidden=256, lr=1e-3, patience=2)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqa_search.models import TINY_MODEL
+from vqa_search.core.models import TINY_MODEL
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample"
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (240, 220, 20), (150, 40, 180), (250, 140, 0),

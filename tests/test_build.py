@@ -12,9 +12,9 @@ import pytest
 from conftest import COLOURS, tiny_config, write_photo
 
 from vqa_search import Index
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 from vqa_search.indexer import build as build_module
-from vqa_search.indexer.store import IndexDir
+from vqa_search.core.store import IndexDir
 
 
 def _generation(index_dir):

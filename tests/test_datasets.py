@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Caption, read_dataset, read_split_files, scan_images
 
 

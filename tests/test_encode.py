@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqa_search.encode import encode_texts, supports_trimmed_text, token_embeddings
-from vqa_search.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.encode import encode_texts, supports_trimmed_text, token_embeddings
+from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
 
 WORDS = "a dog runs on the beach while two children in red jackets play with a ball near water".split()
 

@@ -16,11 +16,11 @@ from conftest import tiny_config
 from vqa_search.align import finetune as stage1
 from vqa_search.align.finetune import FinetuneConfig, contrastive_loss, finetune, mean_recall, validate
 from vqa_search.cli import app
-from vqa_search.encode import token_lengths
+from vqa_search.core.encode import token_lengths
 from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.indexer.datasets import read_dataset
-from vqa_search.indexer.images import load_rgb
-from vqa_search.models import TINY_MODEL, load_clip, resolve_identity, sha256_file
+from vqa_search.core.images import load_rgb
+from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity, sha256_file
 from vqa_search.retrieval.recall import RecallConfig, run_recall, split_texts
 from vqa_search.shapes import ShapesConfig, make_shapes
 

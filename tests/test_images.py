@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, features
 
-from vqa_search.indexer import images
-from vqa_search.indexer.images import ImageSkipped, LoadedImage, load_rgb
+from vqa_search.core import images
+from vqa_search.core.images import ImageSkipped, LoadedImage, load_rgb
 
 RED = (220, 30, 30)
 BLUE = (30, 60, 220)

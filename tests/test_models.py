@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vqa_search.errors import UserError
-from vqa_search.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.errors import UserError
+from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
 
 
 def _random_tiny(seed: int) -> torch.nn.Module:

@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Tuple
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import vqa_search
 from vqa_search.align.regions import RegionConfig, load_extractor
 from vqa_search.align.reranker import load_reranker
 from vqa_search.cli import app
-from vqa_search.errors import UserError
-from vqa_search.models import TINY_MODEL, ModelIdentity, load_clip, resolve_identity, sha256_file
+from vqa_search.core.errors import UserError
+from vqa_search.core.models import TINY_MODEL, ModelIdentity, load_clip, resolve_identity, sha256_file
 from vqa_search.vqa.answerer import Answerer, load_answerer
 from vqa_search.vqa.answers import AnswerVocab
 from vqa_search.vqa.heads import AnswerHead, HeadConfig

@@ -17,11 +17,11 @@ from vqa_search.align.regions import RegionConfig
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, load_reranker, save_reranker
 from vqa_search.align.train_rerank import RerankTrainConfig, mine_negatives, train_reranker
 from vqa_search.cli import app
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.build import BuildConfig, build_index
-from vqa_search.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
 from vqa_search.retrieval.recall import Gallery, RecallConfig, run_recall
-from vqa_search.retrieval.rerank import (FineInputs, QueryReranker, caption_tokens, gallery_regions, reranked_ranks,
+from vqa_search.align.rerank import (FineInputs, QueryReranker, caption_tokens, gallery_regions, reranked_ranks,
                                          reranked_run)
 from vqa_search.retrieval.searcher import Index
 from vqa_search.shapes import ShapesConfig, make_shapes

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, load_reranker, save_reranker
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 
 CONFIG = RerankerConfig(token_dim=12, region_dim=9, attention_dim=5, lam=0.7)
 WITH_MLP = RerankerConfig(token_dim=12, region_dim=9, attention_dim=5, lam=0.7, region_hidden=7)

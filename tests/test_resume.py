@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from conftest import tiny_config, write_photo
 
 from vqa_search import Index
-from vqa_search.indexer.store import IndexDir
+from vqa_search.core.store import IndexDir
 
 N_IMAGES = 12
 KILL_AFTER_BATCHES = 3
@@ -76,8 +76,8 @@ STUCK_WORKER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from vqa_search.indexer.image_stream import decoded_batches, unindexed_records
-    from vqa_search.indexer.store import IndexDir
+    from vqa_search.core.image_stream import decoded_batches, unindexed_records
+    from vqa_search.core.store import IndexDir
 
     def stuck(image):
         Path(sys.argv[2]).write_text(str(os.getpid()))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.shapes import COLORS, SHAPES, SIZES, ShapesConfig, ShapesSummary, make_shapes, plan_images
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import COLOURS, write_photo
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 from vqa_search.retrieval import sheet as layout
 from vqa_search.retrieval.sheet import SheetItem, SheetLayout, write_contact_sheet
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from vqa_search import Index
 from vqa_search.cli import app
-from vqa_search.errors import UserError
-from vqa_search.indexer.store import IndexDir
+from vqa_search.core.errors import UserError
+from vqa_search.core.store import IndexDir
 
 TINY = ["--model", "vqa-tiny", "--pretrained", "none", "--workers", "0", "--batch-size", "4", "--quiet"]
 DISK_FULL = "disk full (No space left on device)"

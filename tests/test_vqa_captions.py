@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import COLOURS, tiny_config, write_photo
-from vqa_search.encode import encode_texts
-from vqa_search.errors import UserError
+from vqa_search.core.encode import encode_texts
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.retrieval.searcher import Index
 from vqa_search.vqa.captions import CaptionAnswerer, answer_and_source, question_kind, read_answer

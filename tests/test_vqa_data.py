@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_photo
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 from vqa_search.vqa.data import read_vqa, report_groups
 
 

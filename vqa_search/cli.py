@@ -16,9 +16,9 @@ from typing import Optional
 
 import typer
 
-from vqa_search.atomic import write_json, write_json_lines, write_text
-from vqa_search.errors import NOT_WRITABLE, OUT_OF_SPACE, UserError
-from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from vqa_search.core.atomic import write_json, write_json_lines, write_text
+from vqa_search.core.errors import NOT_WRITABLE, OUT_OF_SPACE, UserError
+from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -100,7 +100,7 @@ def index(
       vqa-search index ~/Pictures --out ~/pictures-index --batch-size 32
     """
     from vqa_search.indexer.build import BuildConfig, build_index
-    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.core.image_stream import default_workers
 
     _setup_logging(quiet)
     config = BuildConfig(
@@ -149,7 +149,7 @@ def query(
         raise UserError("--explain shows what the re-ranker attended to: add --rerank")
     searcher = Index.open(index_dir, model=model, pretrained=pretrained)
     if rerank:
-        from vqa_search.retrieval.rerank import QueryReranker
+        from vqa_search.align.rerank import QueryReranker
 
         result = QueryReranker(searcher, reranker, rerank_top).search(text=text, image=image, k=k, target=target,
                                                                      nprobe=nprobe, explain=explain)
@@ -202,7 +202,7 @@ def export(
     Example:
       vqa-search export ./flickr8k --out flickr8k-vectors.parquet
     """
-    from vqa_search.indexer.export import export_vectors
+    from vqa_search.retrieval.export import export_vectors
     from vqa_search.retrieval.searcher import Index
 
     written = export_vectors(Index.open(index_dir), out)
@@ -264,7 +264,7 @@ def regions(
     """
     from vqa_search.align.region_store import compute_regions
     from vqa_search.align.regions import RegionConfig
-    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.core.image_stream import default_workers
 
     _setup_logging(quiet)
     config = RegionConfig(
@@ -315,7 +315,7 @@ def recall(
       vqa-search bench recall ./shapes --model vqa-tiny --pretrained none --append results.jsonl
       vqa-search bench recall ./flickr8k --pretrained ft.safetensors --reranker flickr8k/.vqa-search/reranker.safetensors
     """
-    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.core.image_stream import default_workers
     from vqa_search.retrieval.recall import RecallConfig, run_recall
     from vqa_search.retrieval.recall_report import append_run, plot_curves, text_table
 
@@ -327,8 +327,8 @@ def recall(
     )
     runs = [run_recall(dataset, config)]
     if reranker:
-        from vqa_search.indexer.store import DEFAULT_DIR_NAME
-        from vqa_search.retrieval.rerank import reranked_run
+        from vqa_search.core.store import DEFAULT_DIR_NAME
+        from vqa_search.align.rerank import reranked_run
 
         runs.append(reranked_run(runs[0], reranker, index_dir or dataset / DEFAULT_DIR_NAME, rerank_top))
     results = [run.to_json() for run in runs]
@@ -393,7 +393,7 @@ def bench_vqa(
       vqa-search bench vqa ./shapes --head shapes-head.safetensors --split test --mode both
       vqa-search bench vqa ./vqa2 --head vqa2-head.safetensors --images ./coco --json vqa.json
     """
-    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.core.image_stream import default_workers
     from vqa_search.vqa.bench import VqaBenchConfig, accuracy_table, run_vqa_bench
 
     _setup_logging(quiet)
@@ -441,7 +441,7 @@ def finetune(
       vqa-search train finetune ./shapes --out shapes.safetensors --model vqa-tiny --pretrained none --lr 1e-3 --epochs 20
     """
     from vqa_search.align.finetune import FinetuneConfig, finetune as train
-    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.core.image_stream import default_workers
 
     _setup_logging(quiet)
     config = FinetuneConfig(
@@ -541,7 +541,7 @@ def train_vqa(
       vqa-search train vqa ./shapes --out shapes-head.safetensors --model vqa-tiny --pretrained stage1.safetensors \\
           --local-model vqa-tiny --local-pretrained stage1.safetensors --unfreeze-last 2
     """
-    from vqa_search.indexer.image_stream import default_workers
+    from vqa_search.core.image_stream import default_workers
     from vqa_search.vqa.train import VqaTrainConfig, train_vqa as train
 
     _setup_logging(quiet)

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vqa_search.atomic import atomic_path, write_json, write_json_lines, write_text
-from vqa_search.errors import UserError
+from vqa_search.core.atomic import atomic_path, write_json, write_json_lines, write_text
+from vqa_search.core.errors import UserError
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 COLORS = {

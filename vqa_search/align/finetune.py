@@ -42,18 +42,18 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from vqa_search.artifacts import save_artifact
-from vqa_search.atomic import write_json
-from vqa_search.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
-from vqa_search.errors import UserError
+from vqa_search.core.artifacts import save_artifact
+from vqa_search.core.atomic import write_json
+from vqa_search.core.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
-from vqa_search.indexer.image_stream import decoded_batches, default_workers, unindexed_records
-from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.image_stream import decoded_batches, default_workers, unindexed_records
+from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.retrieval.metrics import summarize
 from vqa_search.retrieval.recall import embed_gallery, gallery_ranks, split_texts
-from vqa_search.retrieval.recall_report import pyplot
-from vqa_search.tower_blocks import image_prefix, image_suffix, text_prefix, text_suffix
-from vqa_search.training import beside, config_json, cosine_with_warmup, plot_training, seed_everything
+from vqa_search.core.plots import pyplot
+from vqa_search.core.tower_blocks import image_prefix, image_suffix, text_prefix, text_suffix
+from vqa_search.core.training import beside, config_json, cosine_with_warmup, plot_training, seed_everything
 
 log = logging.getLogger("vqa_search")
 

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from vqa_search import __version__
 from vqa_search.align.regions import GEOMETRY, RegionConfig, RegionExtractor, load_extractor
-from vqa_search.errors import UserError
-from vqa_search.indexer.image_stream import decoded_batches
-from vqa_search.indexer.store import FileState, ImageRecord, IndexDir, ShardWriter, shard_file
-from vqa_search.models import ModelIdentity
+from vqa_search.core.errors import UserError
+from vqa_search.core.image_stream import decoded_batches
+from vqa_search.core.store import FileState, ImageRecord, IndexDir, ShardWriter, shard_file
+from vqa_search.core.models import ModelIdentity
 from vqa_search.retrieval.searcher import Index, find_index
 
 FORMAT_VERSION = 1

@@ -32,10 +32,10 @@ from torchvision.ops import nms
 from torchvision.transforms import CenterCrop, Resize
 from torchvision.transforms.functional import to_tensor
 
-from vqa_search.encode import autocast
-from vqa_search.errors import UserError
-from vqa_search.indexer.image_stream import default_workers
-from vqa_search.models import Clip, default_device, host_reachable, read_state_dict, sha256_file
+from vqa_search.core.encode import autocast
+from vqa_search.core.errors import UserError
+from vqa_search.core.image_stream import default_workers
+from vqa_search.core.models import Clip, default_device, host_reachable, read_state_dict, sha256_file
 
 SOURCES = ("detector", "clip-patches")
 DETECTORS = {

@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from vqa_search.align.region_store import RegionSet
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, save_reranker
-from vqa_search.encode import autocast
-from vqa_search.errors import UserError
+from vqa_search.core.encode import autocast
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import read_dataset
-from vqa_search.indexer.store import DEFAULT_DIR_NAME, IndexDir
-from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_clip, resolve_identity
+from vqa_search.core.store import DEFAULT_DIR_NAME, IndexDir
+from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_clip, resolve_identity
 from vqa_search.retrieval.metrics import summarize
 from vqa_search.retrieval.recall import Gallery, RecallConfig, gallery_ranks, load_gallery
-from vqa_search.retrieval.rerank import (DEFAULT_TOP, RERANKER_FILE, FineInputs, caption_tokens, gallery_regions,
+from vqa_search.align.rerank import (DEFAULT_TOP, RERANKER_FILE, FineInputs, caption_tokens, gallery_regions,
                                          padded, reranked_ranks)
 
 log = logging.getLogger("vqa_search")

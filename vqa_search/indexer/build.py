@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vqa_search import __version__
-from vqa_search.encode import encode_image_batch, encode_texts
-from vqa_search.errors import UserError
-from vqa_search.files import os_error_reason
+from vqa_search.core.encode import encode_image_batch, encode_texts
+from vqa_search.core.errors import UserError
+from vqa_search.core.files import os_error_reason
 from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Dataset, read_dataset
-from vqa_search.indexer.image_stream import decoded_batches, default_workers
-from vqa_search.indexer.store import (
+from vqa_search.core.image_stream import decoded_batches, default_workers
+from vqa_search.core.store import (
     CAPTIONS_SCHEMA,
     DEFAULT_DIR_NAME,
     FORMAT_VERSION,
@@ -35,8 +35,8 @@ from vqa_search.indexer.store import (
     ImageRecord,
     IndexDir,
 )
-from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity, sha256_file
-from vqa_search.retrieval.faiss_index import build_faiss, choose_spec
+from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity, sha256_file
+from vqa_search.core.faiss_index import build_faiss, choose_spec
 
 log = logging.getLogger("vqa_search")
 

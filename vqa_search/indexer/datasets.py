@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, TextIO
 
-from vqa_search.errors import UserError
-from vqa_search.files import not_regular_reason, os_error_reason
+from vqa_search.core.errors import UserError
+from vqa_search.core.files import not_regular_reason, os_error_reason
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 

@@ -20,13 +20,13 @@ from typing import Iterator
 
 import numpy as np
 
-from vqa_search.encode import encode_texts
-from vqa_search.errors import UserError
+from vqa_search.core.encode import encode_texts
+from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
-from vqa_search.indexer.image_stream import default_workers, embed_image_files
-from vqa_search.indexer.store import DEFAULT_DIR_NAME, FileState, IndexDir
-from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
-from vqa_search.retrieval.faiss_index import build_faiss, choose_spec, search
+from vqa_search.core.image_stream import default_workers, embed_image_files
+from vqa_search.core.store import DEFAULT_DIR_NAME, FileState, IndexDir
+from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.faiss_index import build_faiss, choose_spec, search
 from vqa_search.retrieval.metrics import chance_recall, first_correct_ranks, recall_curve, summarize
 from vqa_search.retrieval.searcher import Index
 

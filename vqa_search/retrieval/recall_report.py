@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vqa_search.atomic import atomic_path, write_text
-from vqa_search.errors import UserError
+from vqa_search.core.atomic import atomic_path, write_text
+from vqa_search.core.errors import UserError
+from vqa_search.core.plots import pyplot
 
 DIRECTIONS = {"t2i": "text→image", "i2t": "image→text"}
 CURVE_TICKS = (1, 2, 5, 10, 20, 50)
@@ -89,18 +90,6 @@ def text_table(run: dict) -> str:
                      + f"{summary['median_rank']:>8g}{summary['mean_rank']:>8.1f}")
         lines.append(f"{'  chance':<12}" + "".join(f"{chance[k]:>8.1f}" for k in ks))
     return "\n".join(lines) + "\n"
-
-
-def pyplot():
-    """matplotlib.pyplot drawing to files only (Agg); plots are an optional extra, so say how to get it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plots need matplotlib: pip install 'vqa-search[plot]'") from None
-    return plt
 
 
 def plot_curves(runs: list[dict], out: Path) -> Path:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from vqa_search.encode import encode_images, encode_texts
-from vqa_search.errors import UserError
-from vqa_search.indexer.images import load_named_image
-from vqa_search.indexer.store import DEFAULT_DIR_NAME, FileState, IndexDir
-from vqa_search.models import Clip, ModelIdentity, load_clip, resolve_identity
-from vqa_search.retrieval.faiss_index import read_faiss, search
+from vqa_search.core.encode import encode_images, encode_texts
+from vqa_search.core.errors import UserError
+from vqa_search.core.images import load_named_image
+from vqa_search.core.store import DEFAULT_DIR_NAME, FileState, IndexDir
+from vqa_search.core.models import Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.faiss_index import read_faiss, search
 
 TARGETS = ("images", "captions")
 

@@ -8,9 +8,9 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from vqa_search.atomic import atomic_path
-from vqa_search.errors import UserError
-from vqa_search.indexer.images import ImageSkipped, load_rgb
+from vqa_search.core.atomic import atomic_path
+from vqa_search.core.errors import UserError
+from vqa_search.core.images import ImageSkipped, load_rgb
 
 MARGIN = 16  # around the whole sheet
 GAP = 12  # between cells

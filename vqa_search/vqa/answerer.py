@@ -16,10 +16,10 @@ from typing import Sequence
 import open_clip
 import torch
 
-from vqa_search.artifacts import (DIMENSION, DROPOUT, OPTIONAL_DIMENSION, Artifact, ArtifactKind, at_least,
+from vqa_search.core.artifacts import (DIMENSION, DROPOUT, OPTIONAL_DIMENSION, Artifact, ArtifactKind, at_least,
                                   expected_state, one_of, open_artifact, save_artifact)
-from vqa_search.errors import UserError
-from vqa_search.models import Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.errors import UserError
+from vqa_search.core.models import Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.vqa.answers import AnswerVocab
 from vqa_search.vqa.features import ImageFeatures, LocalEncoder
 from vqa_search.vqa.heads import VARIANTS, AnswerHead, HeadConfig

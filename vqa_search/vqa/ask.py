@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vqa_search.errors import UserError
-from vqa_search.indexer.images import load_named_image
+from vqa_search.core.errors import UserError
+from vqa_search.core.images import load_named_image
 from vqa_search.vqa.captions import CaptionAnswer
 
 DEFAULT_TOP_ANSWERS = 5

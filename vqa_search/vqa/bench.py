@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vqa_search.errors import UserError
-from vqa_search.indexer.image_stream import default_workers
+from vqa_search.core.errors import UserError
+from vqa_search.core.image_stream import default_workers
 from vqa_search.vqa.answers import majority_answers
 from vqa_search.vqa.data import VqaQuestion, read_vqa
 from vqa_search.vqa.evaluate import accuracy_report
@@ -73,7 +73,7 @@ def head_predictions(head: Path, questions: list[VqaQuestion], config: VqaBenchC
 
 
 def caption_predictions(root: Path, questions: list[VqaQuestion], config: VqaBenchConfig) -> list[str | None]:
-    from vqa_search.indexer.store import DEFAULT_DIR_NAME
+    from vqa_search.core.store import DEFAULT_DIR_NAME
     from vqa_search.retrieval.searcher import Index
     from vqa_search.vqa.captions import CaptionAnswerer
 

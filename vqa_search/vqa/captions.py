@@ -29,9 +29,9 @@ from typing import Sequence
 
 import numpy as np
 
-from vqa_search.encode import encode_images, encode_texts
-from vqa_search.errors import UserError
-from vqa_search.indexer.images import load_named_image
+from vqa_search.core.encode import encode_images, encode_texts
+from vqa_search.core.errors import UserError
+from vqa_search.core.images import load_named_image
 
 KINDS = ("yes/no", "color", "number", "other")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey",

@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 
 log = logging.getLogger("vqa_search")
 

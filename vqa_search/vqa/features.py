@@ -21,11 +21,11 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 from tqdm import tqdm
 
-from vqa_search.encode import autocast, encode_image_batch, encode_texts
-from vqa_search.errors import UserError
-from vqa_search.indexer.image_stream import decoded_batches, unindexed_records
-from vqa_search.models import Clip
-from vqa_search.tower_blocks import image_prefix, image_suffix_tokens
+from vqa_search.core.encode import autocast, encode_image_batch, encode_texts
+from vqa_search.core.errors import UserError
+from vqa_search.core.image_stream import decoded_batches, unindexed_records
+from vqa_search.core.models import Clip
+from vqa_search.core.tower_blocks import image_prefix, image_suffix_tokens
 
 log = logging.getLogger("vqa_search")
 

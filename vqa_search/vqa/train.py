@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vqa_search.atomic import write_json
-from vqa_search.encode import autocast
-from vqa_search.errors import UserError
-from vqa_search.indexer.image_stream import default_workers
-from vqa_search.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, load_clip, resolve_identity
-from vqa_search.retrieval.recall_report import pyplot
-from vqa_search.training import beside, config_json, cosine_with_warmup, plot_training, seed_everything
+from vqa_search.core.atomic import write_json
+from vqa_search.core.encode import autocast
+from vqa_search.core.errors import UserError
+from vqa_search.core.image_stream import default_workers
+from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, load_clip, resolve_identity
+from vqa_search.core.plots import pyplot
+from vqa_search.core.training import beside, config_json, cosine_with_warmup, plot_training, seed_everything
 from vqa_search.vqa.answerer import LOSSES, Answerer
 from vqa_search.vqa.answers import DEFAULT_VOCAB_SIZE, AnswerVocab
 from vqa_search.vqa.data import VqaQuestion, read_vqa

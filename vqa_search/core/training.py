@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqa_search.atomic import atomic_path
+from vqa_search.core.atomic import atomic_path
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -27,8 +27,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from vqa_search.atomic import atomic_path
-from vqa_search.errors import UserError
+from vqa_search.core.atomic import atomic_path
+from vqa_search.core.errors import UserError
 
 FORMAT_KEY = "format"
 MAX_DIM = 65536  # far above any CLIP width; refuses 2^40 before anything is built

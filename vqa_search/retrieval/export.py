@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vqa_search.atomic import atomic_path
-from vqa_search.errors import UserError
+from vqa_search.core.atomic import atomic_path
+from vqa_search.core.errors import UserError
 from vqa_search.retrieval.searcher import Index
 
 FORMATS = (".npz", ".parquet")

@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from vqa_search.errors import UserError
+from vqa_search.core.errors import UserError
 
 INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq")
 FLAT_MAX_VECTORS = 50_000

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import text_global_pool
 
-from vqa_search.models import Clip
+from vqa_search.core.models import Clip
 
 PAD_TOKEN = 0
 

@@ -35,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vqa_search.atomic import atomic_path, write_json
-from vqa_search.errors import UserError, storage_failure
-from vqa_search.models import ModelIdentity
+from vqa_search.core.atomic import atomic_path, write_json
+from vqa_search.core.errors import UserError, storage_failure
+from vqa_search.core.models import ModelIdentity
 
 FORMAT_VERSION = 1
 DEFAULT_DIR_NAME = ".vqa-search"

@@ -18,8 +18,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from vqa_search.errors import UserError
-from vqa_search.files import NotARegularFile, open_regular
+from vqa_search.core.errors import UserError
+from vqa_search.core.files import NotARegularFile, open_regular
 
 MAX_PIXELS = 89_478_485  # PIL's own default limit, about 9500 x 9500
 # Longer images are center-cropped to this ratio when decoded. Preprocessing scales the short side up

@@ -19,10 +19,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from vqa_search.align.region_store import RegionSet
 from vqa_search.align.reranker import CrossAttentionReranker, load_reranker
-from vqa_search.encode import token_embeddings, token_lengths
-from vqa_search.errors import UserError
-from vqa_search.indexer.images import load_named_image
-from vqa_search.models import Clip, ModelIdentity, load_clip
+from vqa_search.core.encode import token_embeddings, token_lengths
+from vqa_search.core.errors import UserError
+from vqa_search.core.images import load_named_image
+from vqa_search.core.models import Clip, ModelIdentity, load_clip
 from vqa_search.retrieval.metrics import first_correct_ranks, recall_curve, summarize
 from vqa_search.retrieval.recall import RecallRun
 from vqa_search.retrieval.searcher import Hit, Index, SearchResult

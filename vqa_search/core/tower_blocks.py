@@ -11,7 +11,7 @@ import torch
 from open_clip.model import CLIP
 from torch import nn
 
-from vqa_search.encode import project_text, text_input
+from vqa_search.core.encode import project_text, text_input
 
 
 def image_prefix(model: CLIP, pixels: torch.Tensor, blocks: int) -> torch.Tensor:

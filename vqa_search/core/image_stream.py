@@ -13,10 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vqa_search.encode import encode_image_batch
-from vqa_search.indexer.images import ImageSkipped, load_rgb
-from vqa_search.indexer.store import FileState, ImageRecord, close_inherited_locks
-from vqa_search.models import Clip
+from vqa_search.core.encode import encode_image_batch
+from vqa_search.core.images import ImageSkipped, load_rgb
+from vqa_search.core.store import FileState, ImageRecord, close_inherited_locks
+from vqa_search.core.models import Clip
 
 
 def default_workers() -> int:

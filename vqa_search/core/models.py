@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from vqa_search.errors import UserError
-from vqa_search.files import open_regular
+from vqa_search.core.errors import UserError
+from vqa_search.core.files import open_regular
 
 DEFAULT_MODEL = "ViT-B-32"
 # laion2b_s34b_b79k beats the `openai` weights by about 8 R@1 points on Flickr30k at the same cost.
