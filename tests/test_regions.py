@@ -126,7 +126,7 @@ def test_clip_patches_equal_a_naive_vit_forward_and_tile_the_crop():
         x = visual.conv1(clip.preprocess(image)[None]).flatten(2).transpose(1, 2)
         x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], dim=1) + visual.positional_embedding
         x = visual.ln_post(visual.transformer(visual.ln_pre(x)))
-        pooled, _ = visual(clip.preprocess(image)[None])  # the extractor made the model return tokens too
+        pooled = visual(clip.preprocess(image)[None])  # the caller's model still returns the pooled vector only
         np.testing.assert_allclose((x[:, 0] @ visual.proj).numpy(), pooled.numpy(), rtol=1e-4, atol=1e-5)
         tokens = (x[0, 1:] @ visual.proj).numpy()
     np.testing.assert_allclose(features[0, :, :64], tokens, rtol=1e-4, atol=1e-5)

@@ -179,7 +179,6 @@ class PatchRegions(RegionExtractor):
                 f"--source clip-patches gives one region per patch ({self.num_regions} for {clip.identity.model}): "
                 f"leave out --regions or pass {self.num_regions}"
             )
-        visual.output_tokens = True  # this extractor's model now returns (pooled, tokens)
         self.clip = clip
         self.grid = (grid_h, grid_w)
         self.preprocess = clip.preprocess
@@ -192,7 +191,11 @@ class PatchRegions(RegionExtractor):
     def extract_pixels(self, pixels: torch.Tensor, sizes) -> tuple[np.ndarray, np.ndarray]:
         visual = self.clip.model.visual
         with autocast(self.clip.device):
-            _, tokens = visual(pixels.to(self.clip.device, non_blocking=True))
+            # The last block's patch tokens after ln_post, as the pooled vector sees them; the caller's
+            # model is left as it was (setting output_tokens would change what it returns elsewhere).
+            tokens = visual.forward_intermediates(pixels.to(self.clip.device, non_blocking=True), indices=1,
+                                                  normalize_intermediates=True, intermediates_only=True,
+                                                  output_fmt="NLC")["image_intermediates"][-1]
             if visual.proj is not None:
                 tokens = tokens @ visual.proj
         boxes = torch.stack([self.patch_boxes(width, height) for width, height in sizes])
