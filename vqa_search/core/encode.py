@@ -54,6 +54,7 @@ def text_token_states(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
 
 def project_text(model: CLIP, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's pooling and projection, applied to token states."""
+    # text_global_pool is open_clip's own pooling; its eos_token_id argument needs open_clip >= 3.1.
     pooled = text_global_pool(states, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     return to_joint_space(model, pooled)
 

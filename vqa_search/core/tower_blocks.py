@@ -14,6 +14,8 @@ from torch import nn
 from vqa_search.core.encode import project_text, text_input
 
 
+# open_clip has no public API for a tower split between blocks: VisionTransformer._embeds and _pool
+# (private, open_clip >= 3.1, pinned by tests/test_open_clip_api.py) are its own first and last steps.
 def image_prefix(model: CLIP, pixels: torch.Tensor, blocks: int) -> torch.Tensor:
     """The residual stream entering image block `blocks`: patches, class token, positions, ln_pre, first blocks."""
     return _run_blocks(model.visual.transformer.resblocks[:blocks], model.visual._embeds(pixels))
