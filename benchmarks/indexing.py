@@ -3,14 +3,16 @@
     python benchmarks/indexing.py --json benchmarks/results/indexing.json
 
 Speed does not depend on the weights, so ViT-B-32 is randomly initialised. Images are the 300 real
-Flickr8k photos of ../shared/flickr8k-sample (JPEG decoding included). Machines are shared and
-noisy: every figure is the median of several alternating repetitions, and targets are ratios.
+Flickr8k photos of ../shared/flickr8k-sample, or of the folder $VQA_SEARCH_FLICKR8K_SAMPLE names
+(JPEG decoding included). Machines are shared and noisy: every figure is the median of several
+alternating repetitions, and targets are ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +33,8 @@ from vqa_search.core.models import load_clip, resolve_identity
 from vqa_search.core.faiss_index import IndexSpec, build_faiss
 from vqa_search.retrieval.searcher import Index
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample"
+SAMPLE = Path(os.environ.get("VQA_SEARCH_FLICKR8K_SAMPLE") or
+              Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample").expanduser()
 MODEL = "ViT-B-32"
 BATCH = 64
 QUERY_GALLERY = 8000
@@ -128,7 +131,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=2000, help="Flickr8k captions to encode")
     args = parser.parse_args()
     if not SAMPLE.is_dir():
-        sys.exit(f"needs {SAMPLE}")
+        sys.exit(f"needs the Flickr8k sample at {SAMPLE} (or set VQA_SEARCH_FLICKR8K_SAMPLE to its folder)")
 
     data = read_dataset(SAMPLE)
     clip = load_clip(resolve_identity(MODEL, "none"), torch.device("cpu"))

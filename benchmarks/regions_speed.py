@@ -4,8 +4,9 @@
 
 Speed does not depend on the weights, so the detectors and ViT-B-32 are randomly initialised (the
 detectors are saved to a file and loaded like user weights). Images are Flickr8k photos from
-../shared/flickr8k-sample, decoded beforehand; each figure is the median of several runs over the
-same images, after one warm-up image. The detectors run at their own input size (800 px short side).
+../shared/flickr8k-sample (or the folder $VQA_SEARCH_FLICKR8K_SAMPLE names), decoded beforehand;
+each figure is the median of several runs over the same images, after one warm-up image. The
+detectors run at their own input size (800 px short side).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from vqa_search.core.atomic import write_json
 from vqa_search.core.images import load_rgb
 from vqa_search.core.models import load_clip, resolve_identity
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "flickr8k-sample" / "Images"
+SAMPLE = Path(os.environ.get("VQA_SEARCH_FLICKR8K_SAMPLE") or
+              Path(__file__).resolve().parents[2] / "shared" / "flickr8k-sample").expanduser() / "Images"
 
 
 def seconds_per_image(extractor, images, runs: int) -> float:
@@ -46,7 +48,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not SAMPLE.is_dir():
-        print(f"skipped: the Flickr8k sample is not at {SAMPLE}")
+        print(f"skipped: the Flickr8k sample is not at {SAMPLE.parent} (set VQA_SEARCH_FLICKR8K_SAMPLE to its folder)")
         return
     images = [load_rgb(path).image for path in sorted(SAMPLE.glob("*.jpg"))[: args.images]]
     rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,11 @@ from PIL import Image
 
 from vqa_search.core.models import TINY_MODEL
 
-SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample"
+# The 300-photo Flickr8k sample (Images/, captions.txt, Flickr8k.token.txt, split files): where the
+# environment variable says, else ../shared/flickr8k-sample beside the repository.
+SAMPLE_VARIABLE = "VQA_SEARCH_FLICKR8K_SAMPLE"
+SHARED_SAMPLE = Path(os.environ.get(SAMPLE_VARIABLE) or
+                     Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k-sample").expanduser()
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (240, 220, 20), (150, 40, 180), (250, 140, 0),
            (20, 200, 200), (240, 240, 240), (20, 20, 20), (120, 80, 40)]
 
@@ -67,7 +72,7 @@ def our_log(caplog) -> Iterator[pytest.LogCaptureFixture]:
 def shared_sample() -> Path:
     """The 300 real Flickr8k photos with the full caption files; absent from users' clones."""
     if not SHARED_SAMPLE.is_dir():
-        pytest.skip(f"shared Flickr8k sample not found at {SHARED_SAMPLE}")
+        pytest.skip(f"shared Flickr8k sample not found at {SHARED_SAMPLE} (set {SAMPLE_VARIABLE} to its folder)")
     return SHARED_SAMPLE
 
 

@@ -6,6 +6,8 @@ pair by pair with the model's forward and sorts them.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -171,7 +173,7 @@ def test_training_scores_equal_the_models_forward():
     with torch.no_grad():
         model.W_o.weight.normal_()
     trainer = train_rerank.RerankTrainer(model, train_rerank.TrainingSplit(gallery, FineInputs(tokens, regions)), 10.0,
-                                         RerankTrainConfig(negatives=2, progress=False))
+                                         RerankTrainConfig(negatives=2, progress=False), torch.Generator())
     batch = torch.tensor([0, 5, 7])
     candidates = torch.tensor([[0, 3, 1, 0, 2], [2, 4, 4, 1, 3], [3, 3, 0, 5, 1]])
 
@@ -211,6 +213,13 @@ def test_training_writes_a_reranker_that_queries_load(world, trained):
     assert model.config.clip == resolve_identity(TINY_MODEL, "none").to_json()
     assert [epoch["epoch"] for epoch in result.history] == [1, 2]
     assert all(np.isfinite(epoch["loss"]) for epoch in result.history)
+    # like stage 1 and the VQA heads: the history and the curve beside the file
+    assert result.history_path == result.path.with_name("reranker.history.json")
+    assert result.curve == result.path.with_name("reranker.curve.png")
+    on_disk = json.loads(result.history_path.read_text())
+    assert on_disk["best_epoch"] == result.best_epoch and on_disk["history"] == result.history
+    assert on_disk["config"]["lam"] is None and on_disk["config"]["warmup"] == 0.05
+    assert result.curve.read_bytes().startswith(b"\x89PNG")
     assert model.W_o.weight.abs().sum() > 0  # it learned something, starting from zero
     assert QueryReranker(Index.open(world), result.path).search(text="a red circle", k=3).results
 
@@ -223,18 +232,20 @@ def test_training_leaves_the_frozen_clip_unchanged(trained):
 
 def test_a_crash_keeps_the_best_reranker_so_far(world, tmp_path, monkeypatch):
     out = tmp_path / "reranker.safetensors"
-    real_epoch = train_rerank.RerankTrainer.epoch
+    real_batches = train_rerank.RerankTrainer.batches
 
     def crash_in_epoch_two(self, number):
         if number == 2:
             raise KeyboardInterrupt
-        return real_epoch(self, number)
+        return real_batches(self, number)
 
-    monkeypatch.setattr(train_rerank.RerankTrainer, "epoch", crash_in_epoch_two)
+    monkeypatch.setattr(train_rerank.RerankTrainer, "batches", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train_reranker(world, RerankTrainConfig(model=TINY_MODEL, checkpoint="none", out=out, negatives=4, epochs=3,
                                                 batch_size=32, attention_dim=16, top=TOP, progress=False))
     assert load_reranker(out).config.regions == "clip-patches"
+    history = json.loads(out.with_name("reranker.history.json").read_text())
+    assert history["best_epoch"] == 1 and [record["epoch"] for record in history["history"]] == [1]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -259,7 +270,6 @@ def test_bench_recall_prints_both_rows(world, trained):
                                       "--workers", "0", "--quiet", "--reranker", str(trained[0].path),
                                       "--rerank-top", str(TOP), "--json", "-"])
     assert result.exit_code == 0, result.output
-    import json
     rows = json.loads(result.output)
     assert [row["name"] for row in rows] == [f"{TINY_MODEL} none", f"{TINY_MODEL} none + re-ranker"]
 

@@ -76,7 +76,7 @@ STUCK_WORKER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from vqa_search.core.image_stream import decoded_batches, unindexed_records
+    from vqa_search.core.image_stream import ImageReader, ImageRef
     from vqa_search.core.store import IndexDir
 
     def stuck(image):
@@ -84,7 +84,7 @@ STUCK_WORKER = textwrap.dedent(
         time.sleep(60)
 
     with IndexDir(sys.argv[1]).lock():
-        for batch in decoded_batches(Path(sys.argv[3]), unindexed_records(["00.png"]), stuck, 1, workers=1):
+        for batch in ImageReader([ImageRef(Path(sys.argv[3]) / "00.png", "00.png")], stuck, 1, workers=1):
             pass
     """
 )

@@ -1,6 +1,11 @@
 """The `vqa-search` command line: parses arguments, calls the library, prints the result.
 
 User mistakes (bad paths, missing index, offline weights) print one line on stderr and exit with 2.
+
+Start-up is part of the interface: this module imports no torch, open_clip or FAISS (tests/test_startup.py
+checks it), so `--help`, `--version` and the commands that need no model answer at once. Defaults shown
+in the help come from light modules (core/identity.py, core/threads.py, align/constants.py,
+vqa/constants.py, vqa/answers.py); each command imports the library it calls when it runs.
 """
 
 from __future__ import annotations
@@ -16,20 +21,56 @@ from typing import Optional
 
 import typer
 
+from vqa_search import __version__
+from vqa_search.align.constants import DEFAULT_REGIONS, DEFAULT_TOP
 from vqa_search.core.atomic import write_json, write_json_lines, write_text
 from vqa_search.core.errors import NOT_WRITABLE, OUT_OF_SPACE, UserError
-from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from vqa_search.core.threads import MAX_WORKERS, plan_threads, threads_from_environment, torch_threads
+from vqa_search.vqa.answers import DEFAULT_VOCAB_SIZE
+from vqa_search.vqa.constants import DEFAULT_LOCAL_MODEL, DEFAULT_LOCAL_PRETRAINED, DEFAULT_TOP_ANSWERS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # inherited by every command and group
+
+WORKERS_HELP = (f"Decoding processes. Default: one core fewer than this process may use (at most {MAX_WORKERS}), "
+                "so that they and --threads never exceed the cores.")
+THREADS_HELP = "Torch threads. Default: OMP_NUM_THREADS if set, else the cores the decoding processes leave."
 
 app = typer.Typer(
-    help="Search photo collections by meaning: CLIP embeddings in FAISS, from the command line.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings=HELP_OPTIONS,
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"vqa-search {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Search photo collections by meaning: CLIP embeddings in FAISS, from the command line.
+
+    \b
+    Examples:
+      vqa-search index ./flickr8k                     # embed a folder of images and its captions
+      cd flickr8k && vqa-search query "dog on beach"  # the index is found from here upwards
+      vqa-search info ./flickr8k                      # what the index holds, without loading a model
+      vqa-search make-shapes ./shapes                 # an offline dataset to try everything on
+      vqa-search index ./shapes --model vqa-tiny --pretrained none
+
+    Every command has --help (-h) with examples. Mistakes print one line starting with "error:" and
+    exit with code 2.
+    """
 
 
 def _user_errors(command):
@@ -50,6 +91,23 @@ def _user_errors(command):
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def _model_threads(command):
+    """For a command that runs a model: its --threads and --workers sized together (core/threads.py),
+    torch held to those threads while it runs. The command receives both as numbers."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        threads = kwargs["threads"]
+        plan = plan_threads(threads if threads is not None else threads_from_environment(), kwargs.get("workers", 0))
+        kwargs["threads"] = plan.threads
+        if "workers" in kwargs:
+            kwargs["workers"] = plan.workers
+        with torch_threads(plan.threads):
+            return command(*args, **kwargs)
 
     return wrapper
 
@@ -79,17 +137,24 @@ def _print_json(data: object) -> None:
 
 @app.command()
 @_user_errors
+@_model_threads
 def index(
     dataset: Path = typer.Argument(..., help="Folder of images, e.g. a Flickr8k download (captions found automatically)."),
     out: Optional[Path] = typer.Option(None, help="Index directory. Default: DATASET/.vqa-search"),
-    model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name."),
-    pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="open_clip pretrained tag, a checkpoint file, or 'none'."),
+    model: Optional[str] = typer.Option(
+        None, help=f"open_clip model name. Default: the index's, else {DEFAULT_MODEL}."),
+    pretrained: Optional[str] = typer.Option(
+        None, help=f"open_clip pretrained tag, a checkpoint file, or 'none'. Default: the index's, else "
+                   f"{DEFAULT_PRETRAINED}."),
+    reembed: bool = typer.Option(
+        False, "--reembed", help="Allow other --model/--pretrained than the index's: embeds everything again."),
     captions: Optional[Path] = typer.Option(None, help="Caption file (captions.txt, Flickr8k.token.txt, dataset_*.json)."),
     images: Optional[Path] = typer.Option(None, help="Images folder, when not DATASET/Images or DATASET itself."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search up to 50,000 vectors)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Embed a folder of images and its captions; run again to update it incrementally.
@@ -100,22 +165,23 @@ def index(
       vqa-search index ~/Pictures --out ~/pictures-index --batch-size 32
     """
     from vqa_search.indexer.build import BuildConfig, build_index
-    from vqa_search.core.image_stream import default_workers
 
     _setup_logging(quiet)
     config = BuildConfig(
         model=model, pretrained=pretrained, out=out, captions=captions, images=images, batch_size=batch_size,
-        workers=default_workers() if workers is None else workers, index_type=index_type, progress=not quiet,
+        workers=workers, index_type=index_type, progress=not quiet,
+        reembed=reembed,
     )
     report = build_index(dataset, config)
     if as_json:
         _print_json(report.to_json())
-    elif not quiet:
+    else:
         typer.echo(report.summary(), err=True)
 
 
 @app.command()
 @_user_errors
+@_model_threads
 def query(
     text: Optional[str] = typer.Argument(None, help="What to look for, e.g. \"dog on beach\"."),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index directory. Default: found from here upwards."),
@@ -129,8 +195,9 @@ def query(
     sheet: Optional[Path] = typer.Option(None, help="Also draw a contact sheet of the results (PNG/JPG)."),
     rerank: bool = typer.Option(False, "--rerank", help="Re-score the top results with the stage-2 re-ranker."),
     reranker: Optional[Path] = typer.Option(None, help="Re-ranker file (implies --rerank). Default: INDEX/reranker.safetensors"),
-    rerank_top: int = typer.Option(50, help="How many global results the re-ranker re-scores."),
+    rerank_top: int = typer.Option(DEFAULT_TOP, help="How many global results the re-ranker re-scores."),
     explain: bool = typer.Option(False, "--explain", help="With --rerank: each word's most attended region."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads. Default: OMP_NUM_THREADS if set, else one per core."),
 ) -> None:
     """Find images (or captions) by text or by example image.
 
@@ -165,13 +232,15 @@ def query(
 
 @app.command()
 @_user_errors
+@_model_threads
 def ask(
     image: Path = typer.Argument(..., help="The picture the question is about."),
     question: str = typer.Argument(..., help="e.g. \"what color is the dog's collar?\""),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for caption evidence. Default: found from here upwards (optional with --head)."),
     head: Optional[Path] = typer.Option(None, help="Answer head from `train vqa` (.safetensors)."),
-    top: int = typer.Option(5, help="How many of the head's answers to show."),
+    top: int = typer.Option(DEFAULT_TOP_ANSWERS, help="How many of the head's answers to show."),
     as_json: bool = typer.Option(False, "--json", help="Print both answers, with scores, as JSON."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads. Default: OMP_NUM_THREADS if set, else one per core."),
 ) -> None:
     """Answer a question about an image: a trained head's answers and the index's caption evidence.
 
@@ -209,6 +278,30 @@ def export(
     typer.echo(f"wrote {written}", err=True)
 
 
+@app.command()
+@_user_errors
+def info(
+    index_dir: Optional[Path] = typer.Argument(
+        None, metavar="INDEX", help="Index directory, or the dataset folder holding it. Default: found from here upwards."),
+    as_json: bool = typer.Option(False, "--json", help="Print everything as JSON (every skipped file too)."),
+) -> None:
+    """What an index holds: model and weights, counts, disk use, generations, skipped files, region sets
+    and the re-ranker. Loads no model, so it answers at once.
+
+    \b
+    Examples:
+      vqa-search info ./flickr8k
+      cd flickr8k && vqa-search info --json
+    """
+    from vqa_search.align.info import index_info
+
+    described = index_info(index_dir)
+    if as_json:
+        _print_json(described.to_json())
+    else:
+        typer.echo(described.text())
+
+
 @app.command("make-shapes")
 @_user_errors
 def make_shapes(
@@ -216,7 +309,7 @@ def make_shapes(
     images: int = typer.Option(4000, help="Number of images."),
     seed: int = typer.Option(0, help="Same seed, same files."),
     size: int = typer.Option(96, help="Image side in pixels."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; the summary stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Generate the shapes world: captioned images with near misses, VQA questions and boxes.
@@ -233,7 +326,7 @@ def make_shapes(
     summary = generate(out, ShapesConfig(images=images, seed=seed, size=size), progress=not quiet)
     if as_json:
         _print_json({**asdict(summary), "out": str(summary.out)})
-    elif not quiet:
+    else:
         baseline = ", ".join(f"{kind} {percent:.0f}%" for kind, percent in summary.majority_baseline.items())
         typer.echo(
             f"wrote {summary.images} images, {summary.captions} captions and {summary.questions} questions "
@@ -244,15 +337,18 @@ def make_shapes(
 
 @app.command()
 @_user_errors
+@_model_threads
 def regions(
     dataset: Path = typer.Argument(..., help="Indexed dataset folder (or its index directory)."),
     source: str = typer.Option("detector", help="detector | clip-patches (the index's CLIP ViT patches: cheaper)."),
     detector: Optional[str] = typer.Option(None, help="frcnn-r50 | frcnn-mobilenet. Default: R50 on GPU, MobileNet on CPU."),
     detector_weights: Optional[Path] = typer.Option(None, help="Detector state dict (.pth or .safetensors). Default: torchvision's cache."),
-    num_regions: Optional[int] = typer.Option(None, "--regions", help="Regions per image (default 36; clip-patches: one per patch)."),
+    num_regions: Optional[int] = typer.Option(
+        None, "--regions", help=f"Regions per image (default {DEFAULT_REGIONS}; clip-patches: one per patch)."),
     batch_size: int = typer.Option(8, help="Images per batch."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Compute K region features per indexed image for the stage-2 re-ranker; run again to update.
@@ -264,27 +360,33 @@ def regions(
     """
     from vqa_search.align.region_store import compute_regions
     from vqa_search.align.regions import RegionConfig
-    from vqa_search.core.image_stream import default_workers
 
     _setup_logging(quiet)
     config = RegionConfig(
         source=source, detector=detector, detector_weights=detector_weights, regions=num_regions,
-        batch_size=batch_size, workers=default_workers() if workers is None else workers, progress=not quiet,
+        batch_size=batch_size, workers=workers, progress=not quiet,
     )
     report = compute_regions(dataset, config)
     if as_json:
         _print_json(report.to_json())
-    elif not quiet:
+    else:
         typer.echo(report.summary(), err=True)
 
 
-bench_app = typer.Typer(help="Benchmarks: recall@K on the Karpathy protocol, and reports of several runs.",
-                        no_args_is_help=True, rich_markup_mode=None)
+bench_app = typer.Typer(help="""Benchmarks: recall@K on the Karpathy protocol, VQA accuracy, and reports of several runs.
+
+\b
+Examples:
+  vqa-search bench recall ./flickr8k --split test --append results.jsonl
+  vqa-search bench report results.jsonl --out table.md --plot curves.png
+  vqa-search bench vqa ./shapes --head head.safetensors --split test --mode both
+""", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 
 @bench_app.command()
 @_user_errors
+@_model_threads
 def recall(
     dataset: Path = typer.Argument(..., help="Dataset folder with split information (Karpathy json or split files)."),
     split: str = typer.Option("test", help="train | val | test"),
@@ -298,14 +400,15 @@ def recall(
     captions: Optional[Path] = typer.Option(None, help="Caption file, when not found automatically."),
     images: Optional[Path] = typer.Option(None, help="Images folder, when not found automatically."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-': stdout)."),
     append: Optional[Path] = typer.Option(None, help="Add the run to this results file (JSON lines) for `bench report`."),
     save_ranks: Optional[Path] = typer.Option(None, help="Write one JSON line per query with its rank."),
     plot: Optional[Path] = typer.Option(None, help="Draw recall@K curves, K = 1..50 (PNG)."),
     reranker: Optional[Path] = typer.Option(None, help="Also a row with this stage-2 re-ranker on the same gallery."),
-    rerank_top: int = typer.Option(50, help="With --reranker: global candidates re-ranked per query."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    rerank_top: int = typer.Option(DEFAULT_TOP, help="With --reranker: global candidates re-ranked per query."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; the table stays."),
 ) -> None:
     """Recall@K both ways on a split: the standard (Karpathy) protocol.
 
@@ -315,7 +418,6 @@ def recall(
       vqa-search bench recall ./shapes --model vqa-tiny --pretrained none --append results.jsonl
       vqa-search bench recall ./flickr8k --pretrained ft.safetensors --reranker flickr8k/.vqa-search/reranker.safetensors
     """
-    from vqa_search.core.image_stream import default_workers
     from vqa_search.retrieval.recall import RecallConfig, run_recall
     from vqa_search.retrieval.recall_report import append_run, plot_curves, text_table
 
@@ -323,7 +425,7 @@ def recall(
     config = RecallConfig(
         split=split, model=model, pretrained=pretrained, index_type=index_type, nprobe=nprobe, ks=_parse_ks(k),
         name=name, index=index_dir, captions=captions, images=images, batch_size=batch_size,
-        workers=default_workers() if workers is None else workers, progress=not quiet,
+        workers=workers, progress=not quiet,
     )
     runs = [run_recall(dataset, config)]
     if reranker:
@@ -374,6 +476,7 @@ def report(
 
 @bench_app.command("vqa")
 @_user_errors
+@_model_threads
 def bench_vqa(
     data: Path = typer.Argument(..., help="VQA data: a vqa.jsonl file or folder, or a VQA v2 folder (questions + annotations)."),
     head: Optional[Path] = typer.Option(None, help="Answer head from `train vqa` (modes head and both)."),
@@ -382,9 +485,10 @@ def bench_vqa(
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for captions mode. Default: DATA/.vqa-search"),
     images: Optional[Path] = typer.Option(None, help="Images folder, when image paths are not relative to DATA."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-': stdout)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; the table stays."),
 ) -> None:
     """Official VQA accuracy overall and by question type, exact match, and the majority-answer baseline.
 
@@ -393,12 +497,11 @@ def bench_vqa(
       vqa-search bench vqa ./shapes --head shapes-head.safetensors --split test --mode both
       vqa-search bench vqa ./vqa2 --head vqa2-head.safetensors --images ./coco --json vqa.json
     """
-    from vqa_search.core.image_stream import default_workers
     from vqa_search.vqa.bench import VqaBenchConfig, accuracy_table, run_vqa_bench
 
     _setup_logging(quiet)
     config = VqaBenchConfig(head=head, split=split, mode=mode, index=index_dir, images=images, batch_size=batch_size,
-                            workers=default_workers() if workers is None else workers, progress=not quiet)
+                            workers=workers, progress=not quiet)
     results = run_vqa_bench(data, config)
     if json_out == Path("-"):
         _print_json(results)
@@ -408,13 +511,20 @@ def bench_vqa(
     typer.echo(accuracy_table(results))
 
 
-train_app = typer.Typer(help="Adapt CLIP to a collection: stage-1 fine-tuning and the stage-2 re-ranker.",
-                        no_args_is_help=True, rich_markup_mode=None)
+train_app = typer.Typer(help="""Adapt CLIP to a collection (stage-1 fine-tuning, the stage-2 re-ranker) and train VQA answer heads.
+
+\b
+Examples:
+  vqa-search train finetune ./flickr8k --out ft.safetensors --unfreeze-last 2
+  vqa-search train rerank ./flickr8k --checkpoint ft.safetensors --lambda auto
+  vqa-search train vqa ./shapes --out head.safetensors --variant baseline --model vqa-tiny --pretrained none
+""", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 
 
 @train_app.command()
 @_user_errors
+@_model_threads
 def finetune(
     dataset: Path = typer.Argument(..., help="Dataset folder with train and val splits and captions."),
     out: Path = typer.Option(..., help="Checkpoint to write (.safetensors); the history JSON and curve PNG go beside it."),
@@ -429,8 +539,9 @@ def finetune(
     seed: int = typer.Option(42, help="Same seed, same run."),
     unfreeze_last: int = typer.Option(0, help="Train only the last N blocks of each tower (CPU preset); 0: all."),
     patience: int = typer.Option(3, help="Stop after this many epochs without a better val recall."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Stage 1: contrastive fine-tuning on the train split, keeping the epoch with the best val recall.
@@ -441,18 +552,17 @@ def finetune(
       vqa-search train finetune ./shapes --out shapes.safetensors --model vqa-tiny --pretrained none --lr 1e-3 --epochs 20
     """
     from vqa_search.align.finetune import FinetuneConfig, finetune as train
-    from vqa_search.core.image_stream import default_workers
 
     _setup_logging(quiet)
     config = FinetuneConfig(
         model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         temperature=temperature, learn_temperature=not fixed_temperature, seed=seed, unfreeze_last=unfreeze_last,
-        patience=patience, workers=default_workers() if workers is None else workers,
+        patience=patience, workers=workers,
     )
     result = train(dataset, out, config, progress=not quiet)
     if as_json:
         _print_json(result.to_json())
-    elif not quiet:
+    else:
         best = result.best
         typer.echo(
             f"kept epoch {result.best_epoch} of {len(result.history)} (val mean recall {best['mean_recall']:.1f}, "
@@ -464,12 +574,16 @@ def finetune(
 
 @train_app.command()
 @_user_errors
+@_model_threads
 def rerank(
     dataset: Path = typer.Argument(..., help="Indexed dataset with train and val splits and computed regions."),
     checkpoint: str = typer.Option(DEFAULT_PRETRAINED, help="The frozen CLIP: stage-1 checkpoint file or pretrained tag."),
     model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name of the checkpoint."),
     out: Optional[Path] = typer.Option(None, help="Re-ranker file. Default: INDEX/reranker.safetensors, used by `query --rerank`."),
-    regions: Optional[str] = typer.Option(None, help="Region set (frcnn-mobilenet, frcnn-r50, clip-patches). Default: the only one."),
+    region_set: Optional[str] = typer.Option(
+        None, "--region-set", help="Region set (frcnn-mobilenet, frcnn-r50, clip-patches). Default: the only one."),
+    old_region_set: Optional[str] = typer.Option(None, "--regions", hidden=True,
+                                                 help="Deprecated name of --region-set, for one release."),
     lam: str = typer.Option("1.0", "--lambda", help="λ in s = s_global + λ·s_fine, or 'auto' to choose it on val."),
     negatives: int = typer.Option(32, help="Hard negatives per caption, from the frozen CLIP's top ranks."),
     region_mlp: int = typer.Option(0, help="Hidden width of a small MLP on the regions; 0: LayerNorm only."),
@@ -478,45 +592,54 @@ def rerank(
     lr: float = typer.Option(1e-3, help="AdamW learning rate."),
     weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
     patience: int = typer.Option(3, help="Stop after this many epochs without a better val recall."),
-    top: int = typer.Option(50, "--rerank-top", help="Val: global candidates re-ranked per query."),
+    top: int = typer.Option(DEFAULT_TOP, "--rerank-top", help="Val: global candidates re-ranked per query."),
     seed: int = typer.Option(42, help="Same seed, same run."),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index directory. Default: DATASET/.vqa-search"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads. Default: OMP_NUM_THREADS if set, else one per core."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Stage 2: train the cross-attention re-ranker on a frozen CLIP and precomputed regions.
 
     \b
-    Example:
+    Examples:
       vqa-search index ./flickr8k --pretrained flickr8k-ft.safetensors
       vqa-search regions ./flickr8k
       vqa-search train rerank ./flickr8k --checkpoint flickr8k-ft.safetensors --lambda auto
+      vqa-search train rerank ./shapes --model vqa-tiny --checkpoint shapes.safetensors --region-set clip-patches
     """
     from vqa_search.align.train_rerank import RerankTrainConfig, train_reranker
 
     _setup_logging(quiet)
+    if old_region_set is not None:
+        if region_set is not None:
+            raise UserError("--regions is the old name of --region-set: give only --region-set")
+        typer.echo("warning: `train rerank --regions` is now --region-set (it names a set; `regions --regions` is "
+                   "a count); the old name goes in the next release", err=True)
+        region_set = old_region_set
     config = RerankTrainConfig(
-        model=model, checkpoint=checkpoint, regions=regions, out=out, index=index_dir, lam=_parse_lambda(lam),
+        model=model, checkpoint=checkpoint, regions=region_set, out=out, index=index_dir, lam=_parse_lambda(lam),
         negatives=negatives, region_hidden=region_mlp, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, patience=patience, top=top, seed=seed, progress=not quiet,
     )
     result = train_reranker(dataset, config)
     if as_json:
         _print_json(result.to_json())
-    elif not quiet:
+    else:
         typer.echo(result.summary(), err=True)
 
 
 @train_app.command("vqa")
 @_user_errors
+@_model_threads
 def train_vqa(
     data: Path = typer.Argument(..., help="VQA data with train and val splits: vqa.jsonl (file or folder) or a VQA v2 folder."),
     out: Path = typer.Option(..., help="Head file to write (.safetensors); the history JSON and curve PNG go beside it."),
     variant: str = typer.Option("dual-attention", help="baseline | dual-concat | dual-attention"),
     model: str = typer.Option(DEFAULT_MODEL, help="CLIP for the global image and question embeddings."),
     pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="Its weights: tag, stage-1 checkpoint, or 'none'."),
-    local_model: str = typer.Option("ViT-B-16", help="Dual variants: the second, local-detail image encoder (a ViT)."),
-    local_pretrained: str = typer.Option("laion2b_s34b_b88k", help="Its weights: tag, checkpoint file, or 'none'."),
+    local_model: str = typer.Option(DEFAULT_LOCAL_MODEL, help="Dual variants: the second, local-detail image encoder (a ViT)."),
+    local_pretrained: str = typer.Option(DEFAULT_LOCAL_PRETRAINED, help="Its weights: tag, checkpoint file, or 'none'."),
     unfreeze_last: int = typer.Option(0, help="Train the local encoder's last N blocks too; 0: frozen."),
     epochs: int = typer.Option(20, help="Most epochs to train."),
     batch_size: int = typer.Option(256, help="Questions per step (whole images)."),
@@ -525,12 +648,13 @@ def train_vqa(
     weight_decay: float = typer.Option(1e-2, help="AdamW weight decay."),
     dropout: float = typer.Option(0.3, help="Dropout in the head's MLP."),
     loss: str = typer.Option("bce", help="bce (soft scores, the VQA v2 recipe) | ce (softmax over answers)."),
-    vocab_size: int = typer.Option(3129, help="Answers kept: the most frequent of the train split."),
+    vocab_size: int = typer.Option(DEFAULT_VOCAB_SIZE, help="Answers kept: the most frequent of the train split."),
     patience: int = typer.Option(4, help="Stop after this many epochs without a better val accuracy."),
     seed: int = typer.Option(42, help="Same seed, same run."),
     images: Optional[Path] = typer.Option(None, help="Images folder, when image paths are not relative to DATA."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. Default: cores - 1."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train an answer head on frozen CLIP features (and, optionally, the local encoder's last blocks).
@@ -541,7 +665,6 @@ def train_vqa(
       vqa-search train vqa ./shapes --out shapes-head.safetensors --model vqa-tiny --pretrained stage1.safetensors \\
           --local-model vqa-tiny --local-pretrained stage1.safetensors --unfreeze-last 2
     """
-    from vqa_search.core.image_stream import default_workers
     from vqa_search.vqa.train import VqaTrainConfig, train_vqa as train
 
     _setup_logging(quiet)
@@ -549,12 +672,12 @@ def train_vqa(
         variant=variant, model=model, pretrained=pretrained, local_model=local_model,
         local_pretrained=local_pretrained, unfreeze_last=unfreeze_last, epochs=epochs, batch_size=batch_size, lr=lr,
         local_lr=local_lr, weight_decay=weight_decay, dropout=dropout, loss=loss, vocab_size=vocab_size,
-        patience=patience, seed=seed, images=images, workers=default_workers() if workers is None else workers,
+        patience=patience, seed=seed, images=images, workers=workers,
     )
     result = train(data, out, config, progress=not quiet)
     if as_json:
         _print_json(result.to_json())
-    elif not quiet:
+    else:
         typer.echo(result.summary(), err=True)
 
 

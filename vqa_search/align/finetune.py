@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -40,20 +40,19 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from tqdm import tqdm
 
 from vqa_search.core.artifacts import save_artifact
-from vqa_search.core.atomic import write_json
 from vqa_search.core.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
 from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
-from vqa_search.core.image_stream import decoded_batches, default_workers, unindexed_records
+from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef, default_workers
 from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.retrieval.metrics import summarize
 from vqa_search.retrieval.recall import embed_gallery, gallery_ranks, split_texts
-from vqa_search.core.plots import pyplot
+from vqa_search.core.runner import Collector, run
 from vqa_search.core.tower_blocks import image_prefix, image_suffix, text_prefix, text_suffix
-from vqa_search.core.training import beside, config_json, cosine_with_warmup, plot_training, seed_everything
+from vqa_search.core.training import (Curve, Fitted, check_config, config_json, fit, seed_everything,
+                                      weight_decay_groups)
 
 log = logging.getLogger("vqa_search")
 
@@ -64,6 +63,8 @@ ADAM_BETAS = (0.9, 0.98)  # open_clip's settings for ViT CLIPs
 ADAM_EPS = 1e-6
 PIXEL_CACHE_BYTES = 2 << 30  # preprocessed train images up to this size stay in memory; above, decode every epoch
 TEXT_CACHE_BATCH = 256
+RECALL_CURVE = Curve("val R@1 (%)", lambda record: {"text→image": record["t2i"]["R@1"],
+                                                     "image→text": record["i2t"]["R@1"]})
 
 
 @dataclass
@@ -73,7 +74,7 @@ class FinetuneConfig:
     epochs: int = 12
     batch_size: int = 64
     lr: float = 1e-5
-    weight_decay: float = 1e-4  # on weights of two or more dimensions only
+    weight_decay: float = 1e-4  # on matrices only: not biases, norms, embeddings, τ
     temperature: float = 0.07  # starting τ
     learn_temperature: bool = True
     warmup: float = 0.05  # fraction of all steps with a linear learning-rate warm-up, then cosine decay
@@ -89,24 +90,11 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneResult:
+class FinetuneResult(Fitted):  # history: per epoch loss, t2i and i2t recall, mean_recall, temperature, seconds
     checkpoint: Path  # the best epoch's weights
-    best_epoch: int
-    history: list[dict]  # per epoch: loss, val recall, mean_recall, temperature, seconds
     seconds: float
-    curve: Path
-    history_path: Path
     train_images: int
     skipped_images: int  # unreadable train images, left out
-    stopped_early: bool
-
-    @property
-    def best(self) -> dict:
-        return self.history[self.best_epoch - 1]
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        return {**data, **{name: str(data[name]) for name in ("checkpoint", "curve", "history_path")}}
 
 
 def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = FinetuneConfig(),
@@ -114,7 +102,6 @@ def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = Fine
     """Fine-tune on the train split, keep the best epoch by val recall in `out` (.safetensors)."""
     started = time.perf_counter()
     out = _check(Path(out), config)
-    plt = pyplot()  # a missing matplotlib should fail now, not after training
     data = read_dataset(dataset, captions=config.captions, images=config.images)
     train_texts = split_texts(data, config.train_split)
     split_texts(data, config.val_split)  # same for a missing val split
@@ -128,46 +115,35 @@ def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = Fine
     texts = _TrainTexts.build(clip, [train_texts[path] for path in images.paths], text_blocks)
     batch_size = min(config.batch_size, len(images.paths))
     steps = len(images.paths) // batch_size
-    optimizer = _optimizer(clip.model, config)
-    schedule = cosine_with_warmup(optimizer, steps * config.epochs, config.warmup)
-    scaler = torch.amp.GradScaler(clip.device.type, enabled=clip.device.type == "cuda")
-    history_path, curve = beside(out, ".history.json"), beside(out, ".curve.png")
+    model, device = clip.model, clip.device
     log.info("fine-tuning %s on %d images (%d captions), %d batches of %d per epoch%s", identity.describe(),
              len(images.paths), len(texts.tokens), steps, batch_size,
              f", last {config.unfreeze_last} blocks per tower" if config.unfreeze_last else "")
 
-    history: list[dict] = []
-    best: dict | None = None
-    clip.model.train()
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        loss = _train_epoch(clip, images, texts, optimizer, schedule, scaler, generator, batch_size, steps,
-                            config, progress, epoch)
-        train_seconds = time.perf_counter() - epoch_started
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A fresh shuffle of the images (full batches only), each with one freshly sampled caption."""
+        order = torch.randperm(len(images.paths), generator=generator)[: steps * batch_size]
+        captions = texts.sample(generator)
+        for positions, inputs in images.batches(clip, order, batch_size, config.workers):
+            yield inputs, captions[positions]
+
+    def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, captions = batch
+        image = F.normalize(images.features(model, inputs.to(device)), dim=-1)
+        text = F.normalize(texts.features(model, captions, device), dim=-1)
+        return contrastive_loss(image, text, model.logit_scale.exp())
+
+    def evaluate() -> tuple[float, dict]:
         val = validate(clip, data, config.val_split, config)
-        record = {"epoch": epoch, "loss": loss, **val, "mean_recall": mean_recall(val),
-                  "temperature": math.exp(-clip.model.logit_scale.item()), "seconds": train_seconds,
-                  "val_seconds": time.perf_counter() - epoch_started - train_seconds}
-        history.append(record)
-        if best is None or record["mean_recall"] > best["mean_recall"]:
-            best = record
-            save_checkpoint(clip.model, out, identity, record, config)
-        write_json(history_path, {"config": config_json(config), "best_epoch": best["epoch"], "history": history})
-        log.info("epoch %d/%d: loss %.4f, val R@1 t2i %.1f i2t %.1f, R@10 t2i %.1f i2t %.1f, mean recall %.1f, "
-                 "τ %.4f, %.1f s + %.1f s val%s", epoch, config.epochs, loss, val["t2i"]["R@1"], val["i2t"]["R@1"],
-                 val["t2i"]["R@10"], val["i2t"]["R@10"], record["mean_recall"], record["temperature"],
-                 record["seconds"], record["val_seconds"], ", saved as best" if best is record else "")
-        if epoch - best["epoch"] >= config.patience and epoch < config.epochs:
-            log.info("no better val recall for %d epochs: stopping early", config.patience)
-            break
-    plot_training(plt, history, best["epoch"], curve, "val R@1 (%)",
-                  {label: [record[direction]["R@1"] for record in history]
-                   for direction, label in (("t2i", "text→image"), ("i2t", "image→text"))})
-    return FinetuneResult(
-        checkpoint=out, best_epoch=best["epoch"], history=history, seconds=time.perf_counter() - started,
-        curve=curve, history_path=history_path, train_images=len(images.paths),
-        skipped_images=len(images.skipped), stopped_early=len(history) < config.epochs,
-    )
+        record = {**val, "mean_recall": mean_recall(val), "temperature": math.exp(-model.logit_scale.item())}
+        return record["mean_recall"], record
+
+    fitted = fit(model, weight_decay_groups(model, config.weight_decay), batches, loss, evaluate=evaluate,
+                 save_best=lambda record: save_checkpoint(model, out, identity, record, config), out=out,
+                 config=config, steps=steps, device=device, curve=RECALL_CURVE,
+                 after_step=lambda: _clamp_logit_scale(model), betas=ADAM_BETAS, eps=ADAM_EPS, progress=progress)
+    return FinetuneResult(**vars(fitted), checkpoint=out, seconds=time.perf_counter() - started,
+                          train_images=len(images.paths), skipped_images=len(images.skipped))
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -231,23 +207,15 @@ class _TrainImages:
         """Decode every train image once: unreadable files are found now, and the frozen part runs here only."""
         pixel_bytes = clip.preprocess(Image.new("RGB", (8, 8))).nbytes
         keep = frozen is not None or len(paths) * pixel_bytes <= PIXEL_CACHE_BYTES
-        readable, skipped, chunks = [], {}, []
-        with tqdm(total=len(paths), unit="img", desc="train images", disable=not progress) as bar, torch.no_grad():
-            for batch in decoded_batches(data.images_dir, unindexed_records(paths), clip.preprocess,
-                                         config.batch_size, config.workers):
-                for record in batch.records:
-                    if record.reason is None:
-                        readable.append(record.state.path)
-                    else:
-                        skipped[record.state.path] = record.reason
-                if keep and batch.pixels is not None:
-                    chunks.append(batch.pixels if frozen is None else _frozen_images(clip, batch.pixels, frozen))
-                bar.update(len(batch.records))
-        if skipped:
-            log.warning("%d unreadable train images left out, e.g. %s: %s", len(skipped), *next(iter(skipped.items())))
-        if not readable:
+        reader = ImageReader([ImageRef(data.images_dir / path, path) for path in paths], clip.preprocess,
+                             config.batch_size, config.workers)
+        found = run(reader, _TrainInputs(clip, frozen, keep), Collector(), progress, "train images")
+        if found.skipped:
+            log.warning("%d unreadable train images left out, e.g. %s: %s", len(found.skipped),
+                        *next(iter(found.skipped.items())))
+        if not found.results:
             raise UserError(f"no readable image in the {config.train_split} split of {data.root}")
-        return cls(readable, skipped, torch.cat(chunks) if keep else None, frozen, data.images_dir)
+        return cls(list(found.results), found.skipped, found.stacked() if keep else None, frozen, data.images_dir)
 
     def batches(self, clip: Clip, order: torch.Tensor, batch_size: int,
                 workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -256,16 +224,32 @@ class _TrainImages:
             for positions in order.split(batch_size):
                 yield positions, self.cache[positions]
             return
-        records = unindexed_records([self.paths[i] for i in order.tolist()])
-        for positions, batch in zip(order.split(batch_size),
-                                    decoded_batches(self.images_dir, records, clip.preprocess, batch_size, workers)):
+        refs = [ImageRef(self.images_dir / self.paths[position], position) for position in order.tolist()]
+        for batch in ImageReader(refs, clip.preprocess, batch_size, workers):
             if batch.pixels is not None:
-                yield positions[torch.tensor([record.reason is None for record in batch.records])], batch.pixels
+                yield torch.tensor([item.key for item in batch.readable]), batch.pixels
 
     def features(self, model: CLIP, inputs: torch.Tensor) -> torch.Tensor:
         if self.frozen_blocks is None:
             return model.encode_image(inputs)
         return image_suffix(model, inputs, self.frozen_blocks)
+
+
+@dataclass
+class _TrainInputs:
+    """The runner's mapper for the train images: their pixels, or with frozen blocks the stream entering the
+    first trained one; nothing (the files are only checked) when they will be decoded every epoch instead."""
+
+    clip: Clip
+    frozen_blocks: int | None
+    keep: bool
+
+    def __call__(self, batch: DecodedBatch) -> torch.Tensor | list[None]:
+        if not self.keep:
+            return [None] * len(batch.readable)
+        if self.frozen_blocks is None:
+            return batch.pixels
+        return _frozen_images(self.clip, batch.pixels, self.frozen_blocks)
 
 
 def _frozen_images(clip: Clip, pixels: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -333,59 +317,20 @@ def _set_trainable(model: CLIP, config: FinetuneConfig, image_blocks: int | None
     model.logit_scale.requires_grad_(config.learn_temperature)
 
 
-def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW; as in open_clip, gains, biases, the class token and logit_scale (under 2-d) get no weight decay."""
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    options = {"lr": config.lr, "betas": ADAM_BETAS, "eps": ADAM_EPS}
-    try:  # the fused kernel updates vqa-tiny's 3.4M weights 6x faster on CPU, but arrived there in torch 2.4
-        return torch.optim.AdamW(groups, fused=True, **options)
-    except RuntimeError:
-        return torch.optim.AdamW(groups, **options)
-
-
-def _train_epoch(clip: Clip, images: _TrainImages, texts: _TrainTexts, optimizer: torch.optim.Optimizer,
-                 schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                 generator: torch.Generator, batch_size: int, steps: int, config: FinetuneConfig,
-                 progress: bool, epoch: int) -> float:
-    """One pass over a fresh shuffle of the images, each with one freshly sampled caption; the mean loss."""
-    model, device = clip.model, clip.device
-    order = torch.randperm(len(images.paths), generator=generator)[: steps * batch_size]
-    captions = texts.sample(generator)
-    losses = []
-    with tqdm(total=steps, unit="batch", desc=f"epoch {epoch}", disable=not progress, leave=False) as bar:
-        for positions, inputs in images.batches(clip, order, batch_size, config.workers):
-            with autocast(device):
-                image = F.normalize(images.features(model, inputs.to(device)), dim=-1)
-                text = F.normalize(texts.features(model, captions[positions], device), dim=-1)
-                loss = contrastive_loss(image, text, model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            bar.update()
-    return float(np.mean(losses))
+@torch.no_grad()
+def _clamp_logit_scale(model: CLIP) -> None:
+    """After every step, as open_clip does: τ never below 0.01."""
+    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def _check(out: Path, config: FinetuneConfig) -> Path:
     if out.suffix != ".safetensors":
         raise UserError(f"--out must end in .safetensors, the suffix by which `--pretrained` knows the format "
                         f"(got {out})")
-    for name, value, low in (("epochs", config.epochs, 1), ("batch-size", config.batch_size, 2),
-                             ("patience", config.patience, 1), ("unfreeze-last", config.unfreeze_last, 0)):
+    check_config(config)
+    for name, value, low in (("batch-size", config.batch_size, 2), ("unfreeze-last", config.unfreeze_last, 0)):
         if value < low:
             raise UserError(f"--{name} must be at least {low} (got {value})")
-    for name, value in (("lr", config.lr), ("temperature", config.temperature)):
-        if not value > 0:
-            raise UserError(f"--{name} must be positive (got {value})")
-    if config.weight_decay < 0:
-        raise UserError(f"--weight-decay must not be negative (got {config.weight_decay})")
-    if not 0 <= config.warmup < 1:
-        raise UserError(f"warmup is a fraction of all steps in [0, 1) (got {config.warmup})")
+    if not config.temperature > 0:
+        raise UserError(f"--temperature must be positive (got {config.temperature})")
     return out

@@ -27,18 +27,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from vqa_search import __version__
+from vqa_search.align.constants import REGIONS_DIR  # light: `info` reads it too
 from vqa_search.align.regions import GEOMETRY, RegionConfig, RegionExtractor, load_extractor
 from vqa_search.core.errors import UserError
-from vqa_search.core.image_stream import decoded_batches
-from vqa_search.core.store import FileState, ImageRecord, IndexDir, ShardWriter, shard_file
+from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader, ImageRef
+from vqa_search.core.runner import run
+from vqa_search.core.store import FileState, IndexDir, ShardWriter, shard_file
 from vqa_search.core.models import ModelIdentity
 from vqa_search.retrieval.searcher import Index, find_index
 
 FORMAT_VERSION = 1
-REGIONS_DIR = "regions"
 ARRAYS = {"features": np.float16, "boxes": np.float32}
 SHARD_SCHEMA = pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("mtime_ns", pa.int64()),
                           ("width", pa.int32()), ("height", pa.int32())])
@@ -141,28 +141,13 @@ class _Update:
             return
         images_root = self.index.images_root
         _check_unchanged(images_root, states)
-        writer = ShardWriter(self.dir, self.dir.shards, self.kind, rows_per_shard=self.config.rows_per_shard,
+        reader = ImageReader([ImageRef(images_root / state.path, state) for state in states],
+                             self.extractor.preprocess, self.config.batch_size, self.config.workers,
+                             stack=self.extractor.stack)
+        shards = ShardWriter(self.dir, self.dir.shards, self.kind, rows_per_shard=self.config.rows_per_shard,
                              arrays=ARRAYS, schema=SHARD_SCHEMA, items="images", done="computed")
-        bar = tqdm(total=len(states), unit="img", desc=f"regions ({self.extractor.name})",
-                   disable=not self.config.progress, smoothing=0.1)
-        records = [ImageRecord(state, sha256="") for state in states]
-        try:
-            for batch in decoded_batches(images_root, records, self.extractor.preprocess, self.config.batch_size,
-                                         self.config.workers, stack=self.extractor.stack):
-                unreadable = next((r for r in batch.records if r.reason is not None), None)
-                if unreadable is not None:
-                    raise UserError(f"cannot read {unreadable.state.path} ({unreadable.reason}), which the index "
-                                    "holds: run `vqa-search index` on the dataset again")
-                sizes = [(r.width, r.height) for r in batch.records]
-                features, boxes = self.extractor.extract_pixels(batch.pixels, sizes)
-                for record, feature, box in zip(batch.records, features, boxes):
-                    row = {"path": record.state.path, "bytes": record.state.bytes,
-                           "mtime_ns": record.state.mtime_ns, "width": record.width, "height": record.height}
-                    writer.add(row, feature, box)
-                bar.update(len(batch.records))
-        finally:
-            writer.flush()  # on Ctrl-C too: what was computed is kept for the next run
-            bar.close()
+        run(reader, _Regions(self.extractor), _RegionShards(shards), self.config.progress,
+            f"regions ({self.extractor.name})")
 
     def _rows_file(self, manifest: dict) -> Path:
         return self.dir.generation(manifest["generation"]) / "rows.parquet"
@@ -190,6 +175,36 @@ class _Update:
         for path in self.dir.shards.iterdir():
             if path.name.split(".", 1)[0] not in keep:
                 path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Regions:
+    """The runner's mapper: (features, boxes) per image."""
+
+    extractor: RegionExtractor
+
+    def __call__(self, batch: DecodedBatch) -> list[tuple[np.ndarray, np.ndarray]]:
+        sizes = [(item.width, item.height) for item in batch.readable]
+        return list(zip(*self.extractor.extract_pixels(batch.pixels, sizes)))
+
+
+@dataclass
+class _RegionShards:
+    """The runner's writer: a shard row per image (flushed on Ctrl-C too); every indexed image must be readable."""
+
+    shards: ShardWriter
+
+    def add(self, item: DecodedItem, regions: tuple[np.ndarray, np.ndarray] | None) -> None:
+        state: FileState = item.key
+        if item.reason is not None:
+            raise UserError(f"cannot read {state.path} ({item.reason}), which the index holds: run "
+                            "`vqa-search index` on the dataset again")
+        row = {"path": state.path, "bytes": state.bytes, "mtime_ns": state.mtime_ns, "width": item.width,
+               "height": item.height}
+        self.shards.add(row, *regions)
+
+    def close(self) -> None:
+        self.shards.flush()
 
 
 class RegionSet:

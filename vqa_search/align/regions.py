@@ -32,6 +32,7 @@ from torchvision.ops import nms
 from torchvision.transforms import CenterCrop, Resize
 from torchvision.transforms.functional import to_tensor
 
+from vqa_search.align.constants import DEFAULT_REGIONS  # light: the CLI reads it too
 from vqa_search.core.encode import autocast
 from vqa_search.core.errors import UserError
 from vqa_search.core.image_stream import default_workers
@@ -43,7 +44,6 @@ DETECTORS = {
                         detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1),
     "frcnn-r50": (detection.fasterrcnn_resnet50_fpn_v2, detection.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
 }
-DEFAULT_REGIONS = 36
 BOX_FEATURES = 1024  # both presets' box heads end in a 1024-unit layer
 GEOMETRY = ("x1", "y1", "x2", "y2", "w", "h", "area")  # each divided by the image's width, height or area
 
@@ -259,7 +259,7 @@ def detector_weights(name: str, path: Path | None) -> Path:
 
 
 def _load_detector_weights(model: torch.nn.Module, path: Path, name: str) -> None:
-    state_dict = read_state_dict(path)
+    state_dict = read_state_dict(path, f"detector {name}")
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as error:  # tensors of the wrong shape

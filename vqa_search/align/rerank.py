@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from vqa_search.align.constants import DEFAULT_TOP, RERANKER_FILE  # light: the CLI and `info` read them too
 from vqa_search.align.region_store import RegionSet
 from vqa_search.align.reranker import CrossAttentionReranker, load_reranker
 from vqa_search.core.encode import token_embeddings, token_lengths
@@ -26,9 +27,6 @@ from vqa_search.core.models import Clip, ModelIdentity, load_clip
 from vqa_search.retrieval.metrics import first_correct_ranks, recall_curve, summarize
 from vqa_search.retrieval.recall import RecallRun
 from vqa_search.retrieval.searcher import Hit, Index, SearchResult
-
-RERANKER_FILE = "reranker.safetensors"
-DEFAULT_TOP = 50
 
 
 @torch.no_grad()

@@ -5,25 +5,27 @@ ranks highest for it) and the other images of the batch, with InfoNCE on s = s_g
 as ALBEF and BLIP train their matching heads. Images that own a caption with the very same text
 are not negatives ("a red circle" fits many pictures) and are masked out of the softmax.
 After each epoch the val split is re-ranked with the recall protocol of `bench recall`; the best
-re-ranker is written as soon as it is found, so a crash loses at most the epoch under way.
+re-ranker is written as soon as it is found, so a crash loses only the epochs after it. The loop is
+`core.training.fit`: AdamW with weight-decay groups, warm-up + cosine, history and curve beside the file.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from vqa_search.align.region_store import RegionSet
-from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, save_reranker
+from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, load_reranker, save_reranker
 from vqa_search.core.encode import autocast
 from vqa_search.core.errors import UserError
+from vqa_search.core.training import Curve, Fitted, check_config, fit, seed_everything, weight_decay_groups
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.core.store import DEFAULT_DIR_NAME, IndexDir
 from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_clip, resolve_identity
@@ -36,6 +38,8 @@ log = logging.getLogger("vqa_search")
 
 LAMBDA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
 KS = (1, 5, 10)
+RECALL_CURVE = Curve("val R@1 (%)", lambda record: {"text→image": record["val"]["t2i"]["R@1"],
+                                                     "image→text": record["val"]["i2t"]["R@1"]})
 
 
 @dataclass
@@ -50,7 +54,8 @@ class RerankTrainConfig:
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # on matrices only: not biases, norms
+    warmup: float = 0.05  # fraction of all steps with a linear learning-rate warm-up, then cosine decay
     attention_dim: int = 256
     region_hidden: int = 0  # > 0: a small MLP on the regions (RerankerConfig.region_hidden)
     patience: int = 3
@@ -62,17 +67,12 @@ class RerankTrainConfig:
 
 
 @dataclass
-class RerankTrainResult:
+class RerankTrainResult(Fitted):  # history: per epoch loss, val recall of the re-ranked top, seconds
     path: Path
     lam: float
-    best_epoch: int
     val_global: dict[str, dict[str, float]]  # val recall of the frozen CLIP alone
     val_reranked: dict[str, dict[str, float]]  # val recall of the saved re-ranker
-    history: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "path": str(self.path)}
+    seconds: float
 
     def summary(self) -> str:
         before, after = self.val_global, self.val_reranked
@@ -109,7 +109,7 @@ def train_reranker(dataset: Path | str, config: RerankTrainConfig = RerankTrainC
         return TrainingSplit(gallery, inputs)
 
     train, val = split(config.train_split), split(config.val_split)
-    torch.manual_seed(config.seed)
+    generator = seed_everything(config.seed)
     reranker = CrossAttentionReranker(RerankerConfig(
         token_dim=train.inputs.tokens[0].shape[-1], region_dim=regions.feature_dim,
         attention_dim=config.attention_dim, region_hidden=config.region_hidden,
@@ -121,67 +121,48 @@ def train_reranker(dataset: Path | str, config: RerankTrainConfig = RerankTrainC
              val_global["t2i"]["R@1"], val_global["i2t"]["R@1"])
 
     scale = float(clip.model.logit_scale.exp())  # the frozen CLIP's own temperature
-    trainer = RerankTrainer(reranker, train, scale, config, clip.device)
-    history, best, best_state, best_epoch, stale = [], -1.0, None, 0, 0
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        loss = trainer.epoch(epoch)
-        val_recall = _summary(reranked_ranks(reranker.eval(), val.global_scores, val.inputs,
-                                             val.gallery.caption_image, config.top))
-        score = sum(val_recall[direction][f"R@{k}"] for direction in ("t2i", "i2t") for k in KS)
-        history.append({"epoch": epoch, "loss": loss, "val": val_recall,
-                        "seconds": round(time.perf_counter() - epoch_started, 2)})
-        log.info("epoch %d: loss %.4f, val R@1 text→image %.2f, image→text %.2f (%.0f s)", epoch, loss,
-                 val_recall["t2i"]["R@1"], val_recall["i2t"]["R@1"], history[-1]["seconds"])
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
-            best_state = {name: value.clone() for name, value in reranker.state_dict().items()}
-            save_reranker(reranker, out)
-        else:
-            stale += 1
-            if stale >= config.patience:
-                log.info("no val improvement for %d epochs: stopping", stale)
-                break
+    trainer = RerankTrainer(reranker, train, scale, config, generator, clip.device)
 
-    reranker.load_state_dict(best_state)
+    def evaluate() -> tuple[float, dict]:
+        val_recall = _summary(reranked_ranks(reranker, val.global_scores, val.inputs, val.gallery.caption_image,
+                                             config.top))
+        return sum(val_recall[direction][f"R@{k}"] for direction in ("t2i", "i2t") for k in KS), {"val": val_recall}
+
+    fitted = fit(reranker, weight_decay_groups(reranker, config.weight_decay), trainer.batches, trainer.loss,
+                 evaluate=evaluate, save_best=lambda record: save_reranker(reranker, out), out=out, config=config,
+                 steps=trainer.steps, device=clip.device, curve=RECALL_CURVE, progress=config.progress)
+
+    reranker = load_reranker(out, clip.device).eval()  # the kept epoch
     if config.lam is None:
         reranker.config.lam = _choose_lambda(reranker, val, config.top)
         save_reranker(reranker, out)
     val_reranked = _summary(reranked_ranks(reranker, val.global_scores, val.inputs, val.gallery.caption_image,
                                            config.top))
-    return RerankTrainResult(out, reranker.config.lam, best_epoch, val_global, val_reranked, history,
-                             time.perf_counter() - started)
+    return RerankTrainResult(**vars(fitted), path=out, lam=reranker.config.lam, val_global=val_global,
+                             val_reranked=val_reranked, seconds=time.perf_counter() - started)
 
 
 class RerankTrainer:
-    """InfoNCE of each caption against its image, its hard negatives and the batch's other images,
-    and of each image of the batch against the batch's captions."""
+    """Batches of train captions, and their loss: InfoNCE of each caption against its image, its hard
+    negatives and the batch's other images, and of each image of the batch against the batch's captions."""
 
     def __init__(self, reranker: CrossAttentionReranker, train: TrainingSplit, scale: float, config: RerankTrainConfig,
-                 device: torch.device | str = "cpu"):
+                 generator: torch.Generator, device: torch.device | str = "cpu"):
         self.reranker, self.train, self.scale, self.config = reranker, train, scale, config
-        self.device = torch.device(device)
+        self.generator, self.device = generator, torch.device(device)
         gallery = train.gallery
         self.owner = torch.as_tensor(gallery.caption_image)
         self.image_vectors = torch.as_tensor(gallery.image_vectors)
         self.caption_vectors = torch.as_tensor(gallery.caption_vectors)
         self.same_text = _images_sharing_text(gallery)
         self.negatives = torch.as_tensor(mine_negatives(gallery, config.negatives, self.same_text))
-        self.optimizer = torch.optim.AdamW(reranker.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.steps = math.ceil(len(self.owner) / config.batch_size)
 
-    def epoch(self, number: int) -> float:
-        self.reranker.train()
-        order = torch.randperm(len(self.owner), generator=self.generator)
-        batches = [order[i:i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
-        total = 0.0
-        for captions in tqdm(batches, desc=f"stage 2, epoch {number}", unit="batch", leave=False,
-                             disable=not self.config.progress):
-            total += self.step(captions)
-        return total / len(batches)
+    def batches(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        """A fresh shuffle of the train captions, cut into batches (the last one may be smaller)."""
+        return torch.randperm(len(self.owner), generator=self.generator).split(self.config.batch_size)
 
-    def step(self, captions: torch.Tensor) -> float:
+    def loss(self, captions: torch.Tensor) -> torch.Tensor:
         own = self.owner[captions]
         candidates = torch.cat([own[:, None], self.negatives[captions], own[None].expand(len(own), -1)], dim=1)
         scores, not_negative = self.scale * self.scores(captions, candidates), self._not_negative(captions, candidates)
@@ -193,12 +174,7 @@ class RerankTrainer:
         block, block_mask = scores[:, -len(captions):], not_negative[:, -len(captions):].clone()
         block_mask.fill_diagonal_(False)
         image_to_text = F.cross_entropy(block.masked_fill(block_mask, float("-inf")).T, diagonal)
-        loss = (text_to_image + image_to_text) / 2
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.item()
+        return (text_to_image + image_to_text) / 2
 
     def scores(self, captions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """s = s_global + λ·s_fine of each caption against its candidate images (C, N), as the model's forward
@@ -273,7 +249,8 @@ def _summary(ranks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def _check(config: RerankTrainConfig) -> None:
-    for name in ("negatives", "epochs", "batch_size", "top", "patience"):
+    check_config(config)
+    for name in ("negatives", "batch_size", "top"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(config, name)})")
     if config.lam is not None and config.lam <= 0:

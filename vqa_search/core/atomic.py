@@ -10,9 +10,47 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 
+def _umask_from_proc() -> int | None:
+    """Linux says it in /proc/self/status (since 4.7) without changing it."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_swapping() -> int:
+    """os.umask can only be read by setting it, for the whole process: only ever done at import."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_from_proc()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = _umask_by_swapping()
+
+
+def current_umask() -> int:
+    """The process's umask now where /proc says it, else as it was at import."""
+    mask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if mask is None else mask
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file: rw for whom the umask allows."""
+    return 0o666 & ~current_umask()
+
+
 @contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success it is fsynced and renamed over `target`."""
+    """Yield a temporary path beside `target`; on success it is fsynced and renamed over `target`.
+
+    The file gets the mode a plain open() would give it (0o666 less the umask), not mkstemp's 0o600.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -20,6 +58,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     temp = Path(temp_name)
     try:
         yield temp
+        os.chmod(temp, new_file_mode())  # after the writer: one that recreated the file is covered too
         with open(temp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temp, target)

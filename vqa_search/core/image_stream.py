@@ -1,96 +1,105 @@
-"""Decode and preprocess images in worker processes while the model embeds the previous batch."""
+"""The reader of the decode → encode runner: image files in, decoded and preprocessed batches out.
+
+Decoding runs in DataLoader worker processes while the model encodes the previous batch. Each file
+is named by an `ImageRef`: its path and a key the caller chooses (a relative path, a file state, a
+position), handed back unchanged with the result, so nothing here knows what the caller stores.
+An unreadable file is not an error: it comes back in order with the reason `load_rgb` gave.
+
+Everything here is a plain picklable object without global state: the reader holds what to read and
+how, and builds its DataLoader only when iterated (see `core/runner.py` for the other roles).
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from vqa_search.core.encode import encode_image_batch
 from vqa_search.core.images import ImageSkipped, load_rgb
-from vqa_search.core.store import FileState, ImageRecord, close_inherited_locks
-from vqa_search.core.models import Clip
+from vqa_search.core.store import close_inherited_locks
 
 
-def default_workers() -> int:
-    """Leave one core to the model: on 2 cores one decoder keeps ViT-B-32 fed."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+# Sized together with torch's threads, in a module without torch (the CLI reads it): core/threads.py.
+from vqa_search.core.threads import default_workers  # noqa: E402,F401
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A file to read, and the caller's key for it (returned with its result or skip reason)."""
+
+    path: Path
+    key: Any
+
+
+@dataclass(frozen=True)
+class DecodedItem:
+    key: Any
+    width: int = 0  # as load_rgb gives them (EXIF-rotated, aspect ratio bounded); 0 when unreadable
+    height: int = 0
+    reason: str | None = None  # why the file could not be read; None when it was
 
 
 @dataclass
 class DecodedBatch:
-    records: list[ImageRecord]  # every file of the batch, skipped ones with a reason
-    # one row per record without a reason, in order; a list when sizes differ (detectors take any size)
+    items: list[DecodedItem]  # every file of the batch in reading order, unreadable ones with a reason
+    # one row per readable item, in order; a list when sizes differ (detectors take any size); None if none
     pixels: torch.Tensor | list[torch.Tensor] | None
 
+    @property
+    def readable(self) -> list[DecodedItem]:
+        return [item for item in self.items if item.reason is None]
 
-class _ImageFiles(Dataset):
-    def __init__(self, images_dir: Path, records: Sequence[ImageRecord], preprocess: Callable):
-        self.images_dir = images_dir
-        self.records = records
+
+@dataclass
+class ImageReader:
+    """Reader role: decodes `refs` in order in `workers` processes (0: in this one), `batch_size` at a time."""
+
+    refs: Sequence[ImageRef]
+    preprocess: Callable[[Any], torch.Tensor]  # PIL RGB image -> tensor; runs in the workers, so picklable
+    batch_size: int
+    workers: int
+    stack: bool = True  # False: pixels stay a list (preprocessing that keeps each image's size)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        loader = DataLoader(
+            _DecodedFiles(self.refs, self.preprocess),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            collate_fn=partial(_collate, stack=self.stack),
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=close_inherited_locks,  # a worker must not keep an index's lock past a kill -9
+            prefetch_factor=4 if self.workers else None,
+        )
+        yield from loader
+
+
+class _DecodedFiles(Dataset):
+    def __init__(self, refs: Sequence[ImageRef], preprocess: Callable):
+        self.refs = refs
         self.preprocess = preprocess
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.refs)
 
-    def __getitem__(self, i: int):
-        record = self.records[i]
+    def __getitem__(self, i: int) -> tuple[DecodedItem, torch.Tensor | None]:
+        ref = self.refs[i]
         try:
-            loaded = load_rgb(self.images_dir / record.state.path)
+            loaded = load_rgb(ref.path)
         except ImageSkipped as skipped:
-            return replace(record, reason=str(skipped)), None
-        return replace(record, width=loaded.width, height=loaded.height), self.preprocess(loaded.image)
+            return DecodedItem(ref.key, reason=str(skipped)), None
+        return DecodedItem(ref.key, loaded.width, loaded.height), self.preprocess(loaded.image)
 
 
-def _collate(items, stack: bool = True) -> DecodedBatch:
-    records = [record for record, _ in items]
-    pixels = [tensor for _, tensor in items if tensor is not None]
+def _collate(decoded: list[tuple[DecodedItem, torch.Tensor | None]], stack: bool = True) -> DecodedBatch:
+    items = [item for item, _ in decoded]
+    pixels = [tensor for _, tensor in decoded if tensor is not None]
     if not pixels:
-        return DecodedBatch(records, None)
-    return DecodedBatch(records, torch.stack(pixels) if stack else pixels)
-
-
-def decoded_batches(
-    images_dir: Path, records: Sequence[ImageRecord], preprocess: Callable, batch_size: int, workers: int,
-    stack: bool = True,
-) -> Iterator[DecodedBatch]:
-    loader = DataLoader(
-        _ImageFiles(images_dir, records, preprocess),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=partial(_collate, stack=stack),
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=close_inherited_locks,
-        prefetch_factor=4 if workers else None,
-    )
-    yield from loader
-
-
-def unindexed_records(paths: Sequence[str]) -> list[ImageRecord]:
-    """Records for decoding files outside an index, where file states are never stored."""
-    return [ImageRecord(FileState(path, 0, 0), sha256="") for path in paths]
-
-
-def embed_image_files(
-    clip: Clip, images_dir: Path, paths: Sequence[str], batch_size: int, workers: int, progress: bool = False
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Embed files without writing an index: (vector by path, reason by path for unreadable files)."""
-    records = unindexed_records(paths)
-    vectors, skipped = {}, {}
-    with tqdm(total=len(records), unit="img", desc="images", disable=not progress) as bar:
-        for batch in decoded_batches(images_dir, records, clip.preprocess, batch_size, workers):
-            embedded = iter(encode_image_batch(clip, batch.pixels) if batch.pixels is not None else ())
-            for record in batch.records:
-                if record.reason is None:
-                    vectors[record.state.path] = next(embedded)
-                else:
-                    skipped[record.state.path] = record.reason
-            bar.update(len(batch.records))
-    return vectors, skipped
+        return DecodedBatch(items, None)
+    return DecodedBatch(items, torch.stack(pixels) if stack else pixels)

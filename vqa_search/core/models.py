@@ -6,14 +6,17 @@ with different weights is refused instead of silently returning nonsense.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import socket
+import struct
+import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from pickle import UnpicklingError  # what torch raises when weights_only refuses a file
-from typing import Callable
+from typing import Callable, Iterator
 
 import open_clip
 import torch
@@ -21,14 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from vqa_search.core.errors import UserError
-from vqa_search.core.files import open_regular
+# The identity and the defaults live in a module without torch (the CLI and up-to-date checks read them).
+from vqa_search.core.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, NO_WEIGHTS, TINY_MODEL,  # noqa: F401
+                                      ModelIdentity, resolve_identity, sha256_file)
 
-DEFAULT_MODEL = "ViT-B-32"
-# laion2b_s34b_b79k beats the `openai` weights by about 8 R@1 points on Flickr30k at the same cost.
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-# A few-layer, narrow CLIP for tests and the offline shapes world. Never the default.
-TINY_MODEL = "vqa-tiny"
-NO_WEIGHTS = "none"
 RANDOM_INIT_SEED = 0
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -37,37 +36,14 @@ open_clip.add_model_config(_CONFIG_DIR)
 _HUB_HOST = "huggingface.co"
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # What reading a crafted or damaged checkpoint raises (torch.load with weights_only, safetensors, zip).
-_READ_ERRORS = (RuntimeError, OSError, ValueError, EOFError, UnpicklingError, zipfile.BadZipFile, SafetensorError)
+# Any file that is not a checkpoint (a text file, a JPEG, a cut-off pickle) ends up in the legacy
+# unpickler, which fails with whatever the first odd byte provokes: KeyError, IndexError, struct.error...
+_READ_ERRORS = (RuntimeError, OSError, ValueError, EOFError, UnpicklingError, zipfile.BadZipFile, SafetensorError,
+                KeyError, IndexError, TypeError, AttributeError, AssertionError, OverflowError, struct.error)
 # open_clip reads a cached file with fewer checks: a crafted one can also fail in its own code.
-_TAG_LOAD_ERRORS = (*_READ_ERRORS, KeyError, AttributeError, StopIteration, TypeError)
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What an index records about the model that embedded it."""
-
-    model: str
-    pretrained: str  # an open_clip tag, "none", or the checkpoint's path as given
-    sha256: str | None = None  # of the checkpoint file, when weights came from a file
-
-    def to_json(self) -> dict:
-        return {"model": self.model, "pretrained": self.pretrained, "sha256": self.sha256}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ModelIdentity":
-        return cls(model=data["model"], pretrained=data["pretrained"], sha256=data.get("sha256"))
-
-    def same_weights(self, other: "ModelIdentity") -> bool:
-        """Files are compared by content, tags by name: a moved checkpoint is still the same model."""
-        if self.model != other.model:
-            return False
-        if self.sha256 or other.sha256:
-            return self.sha256 == other.sha256
-        return self.pretrained == other.pretrained
-
-    def describe(self) -> str:
-        weights = f"{self.pretrained} (sha256 {self.sha256[:12]})" if self.sha256 else self.pretrained
-        return f"{self.model} with weights {weights}"
+_TAG_LOAD_ERRORS = (*_READ_ERRORS, StopIteration)
+# What open_clip logs (on the root logger) when it builds a model without weights of its own.
+_RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
 
 
 @dataclass
@@ -85,37 +61,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open_regular(path) as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def resolve_identity(model: str, pretrained: str | None) -> ModelIdentity:
-    """Identity without loading the model: cheap enough to decide whether an index is up to date."""
-    _check_model_name(model)
-    pretrained = pretrained or NO_WEIGHTS
-    path = Path(pretrained).expanduser()
-    if path.is_file():
-        return ModelIdentity(model=model, pretrained=str(path.resolve()), sha256=sha256_file(path))
-    if pretrained != NO_WEIGHTS and _looks_like_path(pretrained):
-        raise UserError(f"checkpoint file not found: {pretrained}")
-    if pretrained != NO_WEIGHTS and pretrained not in open_clip.list_pretrained_tags_by_model(model):
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
-        raise UserError(
-            f"unknown pretrained tag {pretrained!r} for {model}; known tags: {tags}; "
-            "or pass a checkpoint file path, or 'none' for random weights"
-        )
-    return ModelIdentity(model=model, pretrained=pretrained)
-
-
 def load_clip(identity: ModelIdentity, device: torch.device | None = None) -> Clip:
     """Build the model and load its weights: open_clip tag, local checkpoint, or seeded random init."""
     device = device or default_device()
     if identity.sha256:
-        model, preprocess = _create(identity.model, pretrained=None)
+        with _without_random_init_warning():  # the weights come from the file, next line
+            model, preprocess = _create(identity.model, pretrained=None)
         _load_checkpoint_file(model, Path(identity.pretrained), identity.model)
     elif identity.pretrained == NO_WEIGHTS:
         with torch.random.fork_rng(devices=[]):
@@ -131,6 +82,33 @@ def load_clip(identity: ModelIdentity, device: torch.device | None = None) -> Cl
 def _create(model_name: str, pretrained: str | None):
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     return model, preprocess
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_RANDOM_INIT_WARNING)
+
+
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip's "No pretrained weights loaded ... initialized randomly", only while a model whose
+    weights come from a checkpoint file is created.
+
+    open_clip logs it with logging.warning(), which configures the root logger when it has no handler
+    (so that every later root warning is printed too): a null handler stands in for the call.
+    """
+    root = logging.getLogger()
+    dropped = _DropRandomInitWarning()
+    stand_in = logging.NullHandler() if not root.handlers else None
+    root.addFilter(dropped)
+    if stand_in is not None:
+        root.addHandler(stand_in)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropped)
+        if stand_in is not None:
+            root.removeHandler(stand_in)
 
 
 def _create_from_tag(model_name: str, tag: str):
@@ -192,34 +170,59 @@ def host_reachable(host: str) -> bool:
 
 
 def _load_checkpoint_file(model: torch.nn.Module, path: Path, model_name: str) -> None:
-    state_dict = read_state_dict(path)
-    state_dict = open_clip.factory.convert_state_dict(model, state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    state_dict = read_state_dict(path, model_name)
+    advice = "pass the --model it was trained with"
+    try:  # renames Apple MobileCLIP layouts, found by key; odd values under those keys break it
+        state_dict = open_clip.factory.convert_state_dict(model, state_dict)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, RuntimeError) as error:
+        raise UserError(f"checkpoint {path} does not fit model {model_name}: cannot convert its weights "
+                        f"({type(error).__name__}: {_first_line(error)}); {advice}") from None
+    expected = model.state_dict()
+    mismatched = [key for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
+    if mismatched:  # another size or architecture, e.g. ViT-B-16 weights for ViT-L-14
+        key = mismatched[0]
+        raise UserError(
+            f"checkpoint {path} does not fit model {model_name}: "
+            f"{'1 weight has another shape' if len(mismatched) == 1 else f'{len(mismatched)} weights have other shapes'} "
+            f"(e.g. {key!r}: {list(state_dict[key].shape)} in the file, {list(expected[key].shape)} in "
+            f"{model_name}); {advice}"
+        )
+    try:  # not strict: load hooks (batch norm's num_batches_tracked) may fill in what old files lack
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # anything the check above did not foresee, still one line
+        raise UserError(f"checkpoint {path} does not fit model {model_name}: "
+                        f"{_last_line(error)}; {advice}") from None
     if missing or unexpected:
         example = (missing or unexpected)[0]
         raise UserError(
             f"checkpoint {path} does not fit model {model_name}: {len(missing)} missing and "
-            f"{len(unexpected)} unexpected weights (e.g. {example!r}); pass the --model it was trained with"
+            f"{len(unexpected)} unexpected weights (e.g. {example!r}); {advice}"
         )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """open_clip, OpenAI (plain) and this project's checkpoints, read without running anything inside them."""
+def read_state_dict(path: Path, model_name: str | None = None) -> dict[str, torch.Tensor]:
+    """open_clip, OpenAI (plain) and this project's checkpoints, read without running anything inside them.
+
+    `model_name` (what the weights are for) is named in the one-line errors.
+    """
     if _is_torchscript_archive(path):
         raise UserError(_torchscript_message(path))
+    path_for = f"{path} (for {model_name})" if model_name else str(path)
     try:
         if path.suffix == ".safetensors":
             checkpoint = load_safetensors(str(path), device="cpu")
         else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a file that is no checkpoint gets one line, not a warning too
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except _READ_ERRORS as error:
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(error)}") from None
+        raise UserError(f"cannot read checkpoint {path_for}: {_read_failure(error)}") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not checkpoint:
-        raise UserError(f"checkpoint {path} holds no model weights")
+        raise UserError(f"checkpoint {path_for} holds no model weights")
     if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in checkpoint.items()):
-        raise UserError(f"checkpoint {path} is not a state dict (names to tensors)")
+        raise UserError(f"checkpoint {path_for} is not a state dict (names to tensors)")
     if all(key.startswith("module.") for key in checkpoint):  # saved from DistributedDataParallel
         checkpoint = {key[len("module."):]: value for key, value in checkpoint.items()}
     return {key: value for key, value in checkpoint.items() if key not in _OPENAI_EXTRA_KEYS}
@@ -250,10 +253,12 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def _looks_like_path(value: str) -> bool:
-    return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+def _read_failure(error: BaseException) -> str:
+    """What torch.load or safetensors said; the unpickler's stray KeyError: 101 means "not a checkpoint"."""
+    if isinstance(error, (OSError, UnpicklingError, zipfile.BadZipFile, SafetensorError, RuntimeError)):
+        return _first_line(error)
+    return f"not a PyTorch or safetensors checkpoint ({type(error).__name__}: {_first_line(error)})"
 
 
-def _check_model_name(model: str) -> None:
-    if model not in open_clip.list_models():
-        raise UserError(f"unknown model {model!r}; see open_clip.list_models() (e.g. {DEFAULT_MODEL}, {TINY_MODEL})")
+def _last_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1].strip()

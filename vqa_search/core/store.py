@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vqa_search.core.atomic import atomic_path, write_json
 from vqa_search.core.errors import UserError, storage_failure
-from vqa_search.core.models import ModelIdentity
+from vqa_search.core.identity import ModelIdentity
 
 FORMAT_VERSION = 1
 DEFAULT_DIR_NAME = ".vqa-search"
@@ -131,6 +130,9 @@ class IndexDir:
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
+            if (self.pending / "model.json").is_file():  # a first build stopped before its commit
+                raise UserError(f"an interrupted build of the {self.what} at {self.path} is pending: "
+                                f"run `{self.command}` again to finish it") from None
             raise UserError(f"no {self.what} at {self.path}: run `{self.command}` first") from None
         except (OSError, ValueError) as error:
             raise UserError(f"cannot read {self.manifest_path}: {error}") from None
@@ -391,11 +393,13 @@ def _write_file(path: Path, content: object) -> None:
                 handle.write(content.data)
         elif isinstance(content, pa.Table):
             pq.write_table(content, temp)
-        elif isinstance(content, faiss.Index):
+        else:
+            import faiss  # here only: reading an index, or checking that it is up to date, needs no faiss
+
+            if not isinstance(content, faiss.Index):
+                raise TypeError(f"cannot write {type(content).__name__} to {path}")
             with open(temp, "wb") as handle:
                 faiss.write_index(content, faiss.PyCallbackIOWriter(handle.write))
-        else:
-            raise TypeError(f"cannot write {type(content).__name__} to {path}")
 
 
 def _joined(*parts: str) -> str:

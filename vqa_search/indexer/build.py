@@ -7,12 +7,14 @@ even loaded. An unchanged folder therefore costs a directory scan and a few stat
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +22,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vqa_search import __version__
-from vqa_search.core.encode import encode_image_batch, encode_texts
 from vqa_search.core.errors import UserError
 from vqa_search.core.files import os_error_reason
 from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Dataset, read_dataset
-from vqa_search.core.image_stream import decoded_batches, default_workers
+from vqa_search.core.threads import default_workers
 from vqa_search.core.store import (
     CAPTIONS_SCHEMA,
     DEFAULT_DIR_NAME,
@@ -34,17 +35,38 @@ from vqa_search.core.store import (
     FileState,
     ImageRecord,
     IndexDir,
+    ShardWriter,
 )
-from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity, sha256_file
-from vqa_search.core.faiss_index import build_faiss, choose_spec
+from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, resolve_identity, sha256_file
+
+# torch, open_clip and FAISS are imported when something is embedded or committed: an unchanged folder
+# is checked without them (the scan, the manifest and two parquet files), in well under a second.
+if TYPE_CHECKING:
+    from vqa_search.core.image_stream import DecodedItem
+    from vqa_search.core.models import Clip
 
 log = logging.getLogger("vqa_search")
 
 
+def load_clip(identity: ModelIdentity) -> Clip:
+    """core.models.load_clip, imported on first use (tests replace this name to see it is never called)."""
+    from vqa_search.core.models import load_clip as load
+
+    return load(identity)
+
+
+def encode_image_batch(clip: Clip, pixels):
+    """core.encode.encode_image_batch, imported on first use (tests replace this name to stop a run midway)."""
+    from vqa_search.core.encode import encode_image_batch as encode
+
+    return encode(clip, pixels)
+
+
 @dataclass
 class BuildConfig:
-    model: str = DEFAULT_MODEL
-    pretrained: str = DEFAULT_PRETRAINED
+    # None: what the index records (an interrupted run's, else the committed one's), else the defaults
+    model: str | None = None
+    pretrained: str | None = None
     out: Path | None = None  # default: DATASET/.vqa-search
     captions: Path | None = None
     images: Path | None = None
@@ -53,6 +75,7 @@ class BuildConfig:
     index_type: str = "auto"
     rows_per_shard: int = 1024
     progress: bool = True
+    reembed: bool = False  # allow other weights than the index's: every image and caption is embedded again
 
 
 @dataclass
@@ -66,24 +89,33 @@ class BuildReport:
     up_to_date: bool
     seconds: float  # the whole run
     embedding_seconds: dict[str, float] = field(default_factory=dict)  # per kind, once the model is loaded
+    model: str = ""  # the weights the index now holds, described
+    reembedded_from: str | None = None  # the weights it held before, when --reembed replaced them
 
     def to_json(self) -> dict:
         return {**asdict(self), "index_dir": str(self.index_dir)}
 
     def summary(self) -> str:
+        images, captions = _count(self.images, "image"), _count(self.captions, "caption")
         if self.up_to_date:
-            head = f"index at {self.index_dir} is up to date: {self.images} images, {self.captions} captions"
+            head = f"index at {self.index_dir} is up to date: {images}, {captions}"
         else:
             head = (
-                f"indexed {self.images} images ({self.embedded_images} embedded now) and {self.captions} captions "
-                f"({self.embedded_captions} embedded now) into {self.index_dir}"
+                f"indexed {images} ({self.embedded_images:,} embedded now) and {captions} "
+                f"({self.embedded_captions:,} embedded now) into {self.index_dir}"
             )
         lines = [f"{head} in {self.seconds:.1f} s"]
+        if self.reembedded_from:
+            lines.append(f"re-embedded everything with {self.model}; the index had {self.reembedded_from}")
         if self.skipped:
             examples = "; ".join(f"{s['path']}: {s['reason']}" for s in self.skipped[:3])
-            more = f"; and {len(self.skipped) - 3} more (see manifest.json)" if len(self.skipped) > 3 else ""
-            lines.append(f"skipped {len(self.skipped)} files: {examples}{more}")
+            more = f"; and {len(self.skipped) - 3:,} more (see manifest.json)" if len(self.skipped) > 3 else ""
+            lines.append(f"skipped {_count(len(self.skipped), 'file')}: {examples}{more}")
         return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 def build_index(dataset: Path | str, config: BuildConfig = BuildConfig()) -> BuildReport:
@@ -96,12 +128,86 @@ def build_index(dataset: Path | str, config: BuildConfig = BuildConfig()) -> Bui
         raise UserError("--batch-size must be at least 1")
     _warn_missing(data)
     index_dir = IndexDir(config.out or Path(dataset) / DEFAULT_DIR_NAME)
-    identity = resolve_identity(config.model, config.pretrained)
+    committed = _committed_identity(index_dir)
+    identity, replaced = _choose_identity(index_dir, config, committed)
     with index_dir.lock():
+        if _committed_identity(index_dir) != committed:  # decided before the lock: another run committed since
+            raise UserError(f"another vqa-search run changed the index at {index_dir.path} meanwhile: run again")
         builder = _Builder(data, index_dir, identity, config)
         report = builder.run()
+    report.model = identity.describe()
+    report.reembedded_from = replaced.describe() if replaced is not None else None
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _committed_identity(index_dir: IndexDir) -> ModelIdentity | None:
+    return ModelIdentity.from_json(index_dir.read_manifest()["model"]) if index_dir.exists() else None
+
+
+def _interrupted_identity(index_dir: IndexDir) -> ModelIdentity | None:
+    """The weights of a run that was stopped before its commit (its shards wait in pending/)."""
+    try:
+        return ModelIdentity.from_json(json.loads((index_dir.pending / "model.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # none, or unreadable: the store discards such shards
+
+
+def _choose_identity(index_dir: IndexDir, config: BuildConfig,
+                     committed: ModelIdentity | None) -> tuple[ModelIdentity, ModelIdentity | None]:
+    """The weights to index with, and the committed ones they replace (None: nothing is replaced).
+
+    Left out, --model and --pretrained are what the index records: an interrupted run's (so that
+    running `index` again finishes it), else the committed index's; else the library defaults. Other
+    weights than the committed ones would re-embed everything, so they need `reembed`.
+    """
+    interrupted = _interrupted_identity(index_dir)
+    recorded = interrupted or committed
+    model = config.model or (recorded.model if recorded else DEFAULT_MODEL)
+    if config.pretrained is not None:  # names the index records were checked then: no open_clip now
+        identity = resolve_identity(model, config.pretrained, known=(interrupted, committed))
+    elif recorded is not None and model == recorded.model:
+        identity = _recorded_weights(index_dir, recorded, config.reembed)
+    else:
+        identity = resolve_identity(model, DEFAULT_PRETRAINED, known=(interrupted, committed))
+    if committed is None or identity.same_weights(committed):
+        if config.reembed and committed is not None:
+            log.info("--reembed: the index at %s already holds %s; nothing to re-embed",
+                     index_dir.path, committed.describe())
+        return identity, None
+    resuming = interrupted is not None and identity.same_weights(interrupted)  # a re-embedding, stopped
+    if not (config.reembed or resuming):
+        counts = index_dir.read_manifest().get("counts", {})
+        everything = (f"all {_count(counts['images'], 'image')} and {_count(counts['captions'], 'caption')}"
+                      if isinstance(counts.get("images"), int) and isinstance(counts.get("captions"), int)
+                      else "every image and caption")
+        raise UserError(
+            f"the index at {index_dir.path} holds {committed.describe()}; indexing with {identity.describe()} "
+            f"embeds {everything} again: pass --reembed to do that, or leave out --model/--pretrained to "
+            "update the index with its own weights"
+        )
+    return identity, committed
+
+
+def _recorded_weights(index_dir: IndexDir, recorded: ModelIdentity, reembed: bool) -> ModelIdentity:
+    """The recorded identity, checked: a checkpoint file must still be there and hold the same weights."""
+    if not recorded.sha256:
+        return resolve_identity(recorded.model, recorded.pretrained, known=recorded)
+    path = Path(recorded.pretrained)
+    if not path.is_file():
+        raise UserError(
+            f"the index at {index_dir.path} was made with checkpoint {path}, which no longer exists: pass "
+            "--pretrained with its new path (the same weights are recognised by content), or other weights "
+            "with --reembed"
+        )
+    current = resolve_identity(recorded.model, str(path), known=recorded)
+    if not current.same_weights(recorded) and not reembed:
+        raise UserError(
+            f"checkpoint {path} changed since the index at {index_dir.path} was made with it (sha256 "
+            f"{recorded.sha256[:12]} then, {current.sha256[:12]} now): pass --reembed to embed everything "
+            "again with the new file"
+        )
+    return current
 
 
 class _Builder:
@@ -155,6 +261,8 @@ class _Builder:
             report.up_to_date = True
             return report
 
+        from vqa_search.core.faiss_index import build_faiss, choose_spec
+
         image_vectors = np.stack([r.embedding for r in indexed]).astype(np.float32)
         image_spec = choose_spec(len(indexed), self.config.index_type)
         files = {
@@ -199,35 +307,31 @@ class _Builder:
                 to_embed.append(ImageRecord(state, sha))
         for record in self._embed_images(to_embed):
             records[record.state.path] = record
-        return [records[path] for path in self.data.images], len(to_embed)
+        embedded = sum(records[record.state.path].reason is None for record in to_embed)  # not the unreadable
+        return [records[path] for path in self.data.images], embedded
 
     def _embed_images(self, pending: list[ImageRecord]) -> list[ImageRecord]:
         if not pending:
             return []
+        from vqa_search.core.image_stream import ImageReader, ImageRef
+        from vqa_search.core.runner import ClipImageMapper, run
+
         clip = self.clip
         started = time.perf_counter()
-        writer = self.index_dir.shard_writer("images", self.identity, rows_per_shard=self.config.rows_per_shard)
-        done: list[ImageRecord] = []
-        bar = tqdm(total=len(pending), unit="img", desc="images", disable=not self.config.progress, smoothing=0.1)
-        try:
-            for batch in decoded_batches(self.data.images_dir, pending, clip.preprocess,
-                                         self.config.batch_size, self.config.workers):
-                vectors = iter(encode_image_batch(clip, batch.pixels) if batch.pixels is not None else ())
-                for record in batch.records:
-                    if record.reason is None:
-                        record.embedding = next(vectors)
-                    writer.add(_shard_row(record), record.embedding)
-                    done.append(record)
-                bar.update(len(batch.records))
-        finally:
-            writer.flush()  # on Ctrl-C too: what was embedded is kept for the next run
-            bar.close()
+        reader = ImageReader([ImageRef(self.data.images_dir / record.state.path, record) for record in pending],
+                             clip.preprocess, self.config.batch_size, self.config.workers)
+        shards = _ImageShards(self.index_dir.shard_writer("images", self.identity,
+                                                          rows_per_shard=self.config.rows_per_shard))
+        # encode_image_batch named here, where tests replace it to kill a run midway
+        run(reader, ClipImageMapper(clip, encode_image_batch), shards, self.config.progress)
         self.embedding_seconds["images"] = time.perf_counter() - started
-        return done
+        return shards.done
 
     def _caption_vectors(self, texts: list[str]) -> tuple[np.ndarray, int]:
         new = list(dict.fromkeys(t for t in texts if t not in self.cache.by_text))
         if new:
+            from vqa_search.core.encode import encode_texts
+
             clip = self.clip
             started = time.perf_counter()
             writer = self.index_dir.shard_writer("captions", self.identity, rows_per_shard=self.config.rows_per_shard)
@@ -277,6 +381,22 @@ class _Builder:
             "index": {"requested": self.config.index_type, **index_specs},
             "skipped": skipped,
         }
+
+
+@dataclass
+class _ImageShards:
+    """The runner's writer for the index: every file as a row of pending/ (flushed on Ctrl-C too), and its record."""
+
+    shards: ShardWriter
+    done: list[ImageRecord] = field(default_factory=list)
+
+    def add(self, item: DecodedItem, vector: np.ndarray | None) -> None:
+        record = replace(item.key, width=item.width, height=item.height, reason=item.reason, embedding=vector)
+        self.shards.add(_shard_row(record), vector)
+        self.done.append(record)
+
+    def close(self) -> None:
+        self.shards.flush()
 
 
 def _shard_row(record: ImageRecord) -> dict:

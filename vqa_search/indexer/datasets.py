@@ -70,6 +70,9 @@ def read_dataset(root: Path | str, captions: Path | str | None = None,
     """Find the images and captions of a dataset folder; explicit paths override the detection."""
     root = Path(root)
     if not root.is_dir():
+        if root.exists():
+            raise UserError(f"the dataset must be a folder, and {root} is not one: pass the folder that holds the "
+                            "images (a caption file goes to --captions)")
         raise UserError(f"dataset folder not found: {root}")
     images_dir = _existing_dir(Path(images)) if images is not None else find_images_dir(root)
     caption_source = _existing_file(Path(captions)) if captions is not None else find_caption_file(root)
@@ -265,11 +268,16 @@ def _unique(paths: Iterable[str]) -> list[str]:
 
 def _existing_dir(path: Path) -> Path:
     if not path.is_dir():
+        if path.exists():
+            raise UserError(f"--images must be a folder, and {path} is not one: pass the folder that holds the images")
         raise UserError(f"images folder not found: {path}")
     return path
 
 
 def _existing_file(path: Path) -> Path:
     if not path.is_file():
+        if path.is_dir():
+            raise UserError(f"--captions must be a file, and {path} is a folder: pass the caption file in it "
+                            "(captions.txt, Flickr8k.token.txt or dataset_*.json)")
         raise UserError(f"caption file not found: {path}")
     return path

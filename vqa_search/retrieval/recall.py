@@ -23,10 +23,11 @@ import numpy as np
 from vqa_search.core.encode import encode_texts
 from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
-from vqa_search.core.image_stream import default_workers, embed_image_files
+from vqa_search.core.image_stream import ImageReader, ImageRef, default_workers
 from vqa_search.core.store import DEFAULT_DIR_NAME, FileState, IndexDir
 from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
 from vqa_search.core.faiss_index import build_faiss, choose_spec, search
+from vqa_search.core.runner import ClipImageMapper, Collector, run
 from vqa_search.retrieval.metrics import chance_recall, first_correct_ranks, recall_curve, summarize
 from vqa_search.retrieval.searcher import Index
 
@@ -184,13 +185,16 @@ def embed_gallery(clip: Clip, data: Dataset, split: str, batch_size: int = 64, w
                   progress: bool = False) -> Gallery:
     """The split embedded now by a model in memory, no index involved (also validation during training)."""
     texts_of = split_texts(data, split)
-    by_path, skipped = embed_image_files(clip, data.images_dir, list(texts_of), batch_size, workers, progress)
-    texts_of = {path: texts for path, texts in texts_of.items() if path in by_path}
+    reader = ImageReader([ImageRef(data.images_dir / path, path) for path in texts_of], clip.preprocess, batch_size,
+                         workers)
+    found = run(reader, ClipImageMapper(clip), Collector(), progress)
+    texts_of = {path: texts for path, texts in texts_of.items() if path in found.results}
     if not texts_of:
         raise UserError(f"no readable image in the {split} split of {data.root}")
     caption_vectors = encode_texts(clip, [text for texts in texts_of.values() for text in texts])
-    image_vectors = np.stack([by_path[path] for path in texts_of])
-    return _gallery(texts_of, image_vectors, caption_vectors, data.split_missing.get(split, 0), skipped, "computed")
+    image_vectors = np.stack([found.results[path] for path in texts_of])
+    return _gallery(texts_of, image_vectors, caption_vectors, data.split_missing.get(split, 0), found.skipped,
+                    "computed")
 
 
 def gallery_ranks(gallery: Gallery, index_type: str = "flat", nprobe: int | None = None) -> dict[str, np.ndarray]:

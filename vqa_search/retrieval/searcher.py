@@ -8,20 +8,26 @@ and kept, so later queries only pay for one forward pass and a FAISS search.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from vqa_search.core.encode import encode_images, encode_texts
 from vqa_search.core.errors import UserError
-from vqa_search.core.images import load_named_image
 from vqa_search.core.store import DEFAULT_DIR_NAME, FileState, IndexDir
-from vqa_search.core.models import Clip, ModelIdentity, load_clip, resolve_identity
-from vqa_search.core.faiss_index import read_faiss, search
+from vqa_search.core.identity import ModelIdentity, resolve_identity
+
+# The model (torch, open_clip) and FAISS are imported when first used: opening an index to read its
+# rows and vectors (export, info, recall's reuse check) needs neither.
+if TYPE_CHECKING:
+    from vqa_search.core.models import Clip
 
 TARGETS = ("images", "captions")
+
+log = logging.getLogger("vqa_search")
 
 
 @dataclass
@@ -59,8 +65,12 @@ def find_index(start: Path | str | None = None, upwards: bool = True) -> Path:
     start = Path(start or Path.cwd()).resolve()
     for folder in (start, *start.parents) if upwards else (start,):
         for candidate in (folder, folder / DEFAULT_DIR_NAME):
-            if IndexDir(candidate).exists():
+            found = IndexDir(candidate)
+            if found.exists():
                 return candidate
+            if (found.pending / "model.json").is_file():  # a first build, interrupted: not "no index"
+                found.read_manifest()  # says so, and that running `index` again finishes it
+                return candidate  # committed in the meantime
     where = f"in {start} or its parents" if upwards else f"at {start}"
     raise UserError(
         f"no vqa-search index {where}: run `vqa-search index DATASET` first, or pass --index DIR"
@@ -92,6 +102,7 @@ class Index:
             self.captions_of[image_id].append(text)
         self._faiss: dict[str, object] = {}
         self._clip = clip
+        self._nprobe_noted: set[str] = set()  # targets whose flat index was already said to ignore nprobe
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -111,7 +122,7 @@ class Index:
         return index
 
     def _check_requested_model(self, model: str, pretrained: str) -> None:
-        requested = resolve_identity(model, pretrained)
+        requested = resolve_identity(model, pretrained, known=self.identity)
         if not requested.same_weights(self.identity):
             raise UserError(
                 f"the index at {self.dir.path} was built with {self.identity.describe()}, not "
@@ -124,6 +135,8 @@ class Index:
     def clip(self) -> Clip:
         if self._clip is None:
             self._check_checkpoint_unchanged()
+            from vqa_search.core.models import load_clip
+
             self._clip = load_clip(self.identity)
         return self._clip
 
@@ -134,7 +147,7 @@ class Index:
         path = Path(self.identity.pretrained)
         if not path.is_file():
             raise UserError(f"the index at {self.dir.path} was built with checkpoint {path}, which no longer exists")
-        current = resolve_identity(self.identity.model, str(path))
+        current = resolve_identity(self.identity.model, str(path), known=self.identity)
         if not current.same_weights(self.identity):
             raise UserError(
                 f"checkpoint {path} changed since the index at {self.dir.path} was built "
@@ -156,6 +169,8 @@ class Index:
             if not path.is_file():
                 self._check_generation_kept()
                 raise UserError(f"the index at {self.dir.path} has no {target[:-1]} vectors (no captions were indexed)")
+            from vqa_search.core.faiss_index import read_faiss
+
             self._faiss[target] = read_faiss(path)
         return self._faiss[target]
 
@@ -188,10 +203,23 @@ class Index:
             raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
         if nprobe is not None and nprobe < 1:
             raise UserError(f"--nprobe must be at least 1 (got {nprobe})")
+        if nprobe is not None:
+            self._note_ignored_nprobe(target, nprobe)
+        from vqa_search.core.faiss_index import search
+
         scores, ids = search(self._faiss_index(target), query_vector, k, nprobe)
         hits = [self._hit(rank, float(score), int(item), target)
                 for rank, (score, item) in enumerate(zip(scores[0], ids[0]), start=1) if item >= 0]
         return SearchResult(query=query, target=target, results=hits)
+
+    def _note_ignored_nprobe(self, target: str, nprobe: int) -> None:
+        """An exact index visits every vector: nprobe has nothing to choose, which the user should hear once."""
+        spec = (self.manifest.get("index") or {}).get(target) or {}
+        if spec.get("type") == "flat" and target not in self._nprobe_noted:
+            self._nprobe_noted.add(target)
+            log.warning("--nprobe %d is ignored: the %s index at %s is exact (flat), so every vector is compared; "
+                        "nprobe applies to IVF indexes (index with --index-type ivf)", nprobe, target[:-1],
+                        self.dir.path)
 
     def _query_vector(self, text: str | None, image: Path | str | None) -> tuple[np.ndarray, str]:
         if (text is None) == (image is None):
@@ -199,7 +227,12 @@ class Index:
         if text is not None:
             if not text.strip():
                 raise UserError("the query text is empty")
+            from vqa_search.core.encode import encode_texts
+
             return encode_texts(self.clip, [text.strip()]), text.strip()
+        from vqa_search.core.encode import encode_images
+        from vqa_search.core.images import load_named_image
+
         return encode_images(self.clip, [load_named_image(image, "query image")]), str(Path(image))
 
     def _hit(self, rank: int, score: float, item: int, target: str) -> Hit:

@@ -29,6 +29,10 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 SAVE_OPTIONS = {"JPEG": {"quality": 90}}
 
 BOX_COLOUR = (255, 64, 0)
+LABEL_BACKGROUND = (255, 255, 255)  # behind a box's word, so it reads on any photo
+LABEL_PADDING = 1
+LABEL_X_STEP = 8  # horizontal spacing of the places a label may move to when its own spot is taken
+LABEL_GAP = 4  # between labels side by side, so two words never read as one
 
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont  # load_default() gives either, depending on FreeType
 
@@ -124,14 +128,68 @@ def _thumbnail(path: Path, size: int, font: Font, boxes: Sequence = ()) -> Image
         return _placeholder(size, str(skipped), font)
     picture = ImageOps.contain(original, (size, size))
     scale = picture.width / original.width
-    draw = ImageDraw.Draw(picture)
-    for word, box in boxes:
-        x1, y1, x2, y2 = (value * scale for value in box)
-        draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=2)
-        draw.text((x1 + 2, y1 + 1), word, fill=BOX_COLOUR, font=font)
     tile = Image.new("RGB", (size, size), THUMB_BACKGROUND)
-    tile.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
+    left, top = (size - picture.width) // 2, (size - picture.height) // 2
+    tile.paste(picture, (left, top))
+    if boxes:
+        scaled = [(word, (x1 * scale + left, y1 * scale + top, x2 * scale + left, y2 * scale + top))
+                  for word, (x1, y1, x2, y2) in boxes]
+        draw = ImageDraw.Draw(tile)
+        for _, box in scaled:
+            draw.rectangle(box, outline=BOX_COLOUR, width=2)
+        for word, (x1, y1, x2, y2) in place_labels(scaled, font, (size, size)):
+            draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=LABEL_BACKGROUND)  # PIL includes the far edges
+            draw.text((x1 + LABEL_PADDING, y1 + LABEL_PADDING), word, fill=BOX_COLOUR, font=font)
     return tile
+
+
+Rect = tuple[int, int, int, int]  # x1, y1, x2, y2; x2 and y2 exclusive
+
+
+def place_labels(boxes: Sequence[tuple[str, tuple[float, float, float, float]]], font: Font,
+                 area: tuple[int, int]) -> list[tuple[str, Rect]]:
+    """Where each box's word goes: no two labels overlap, and each lies inside `area` (width, height).
+
+    A label's own spot is just inside its box's top-left corner. Words of one box (or of boxes that
+    share a corner) are stacked below it in order, or above when the picture ends; failing that the
+    nearest free spot in the picture is taken. A word with no free spot left is not drawn (its box is).
+    """
+    width, height = area
+    h = _label_text_size("Agjpqy|", font)[1] + 2 * LABEL_PADDING  # one height for all: stacks line up
+    placed: list[tuple[str, Rect]] = []
+    for word, (x1, y1, _, _) in boxes:
+        w = _label_text_size(word, font)[0] + 2 * LABEL_PADDING
+        if w > width or h > height:
+            continue
+        home_x = min(max(0, round(x1) + 2), width - w)
+        home_y = min(max(0, round(y1) + 1), height - h)
+        rows = range(home_y % h, height - h + 1, h)  # whole lines above and below the home spot
+        columns = {home_x, *range(home_x % LABEL_X_STEP, width - w + 1, LABEL_X_STEP)}
+        spots = sorted(((x, y) for x in columns for y in rows),
+                       key=lambda spot: (_distance(spot, (home_x, home_y), h), spot[1], spot[0]))
+        for x, y in spots:
+            rect = (x, y, x + w, y + h)
+            if not any(_overlap(rect, other, LABEL_GAP) for _, other in placed):
+                placed.append((word, rect))
+                break
+    return placed
+
+
+def _label_text_size(word: str, font: Font) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(word)
+    return max(1, round(right)), max(1, round(bottom))  # drawn from (0, 0): the offsets are part of the size
+
+
+def _distance(spot: tuple[int, int], home: tuple[int, int], line: int) -> int:
+    """How far a label strays from its spot: sideways counts four times, and going up costs three
+    lines more than going down, so one box's words read top to bottom under its corner."""
+    dx, dy = spot[0] - home[0], spot[1] - home[1]
+    return 4 * abs(dx) + (dy if dy >= 0 else 3 * line - dy)
+
+
+def _overlap(a: Rect, b: Rect, gap: int = 0) -> bool:
+    """Whether two rectangles share a pixel, or come closer than `gap` side by side."""
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] and b[1] < a[3]
 
 
 def _placeholder(size: int, reason: str, font: Font) -> Image.Image:

@@ -13,8 +13,7 @@ from pathlib import Path
 from vqa_search.core.errors import UserError
 from vqa_search.core.images import load_named_image
 from vqa_search.vqa.captions import CaptionAnswer
-
-DEFAULT_TOP_ANSWERS = 5
+from vqa_search.vqa.constants import DEFAULT_TOP_ANSWERS  # light: the CLI reads it too
 
 
 @dataclass

@@ -19,17 +19,15 @@ from typing import Sequence
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
-from tqdm import tqdm
 
-from vqa_search.core.encode import autocast, encode_image_batch, encode_texts
+from vqa_search.core.encode import autocast, encode_texts
 from vqa_search.core.errors import UserError
-from vqa_search.core.image_stream import decoded_batches, unindexed_records
+from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef
 from vqa_search.core.models import Clip
+from vqa_search.core.runner import ClipImageMapper, Collector, Mapper, run
 from vqa_search.core.tower_blocks import image_prefix, image_suffix_tokens
 
 log = logging.getLogger("vqa_search")
-
-FILESYSTEM_ROOT = Path("/")  # image paths are absolute; the decoder joins them to this
 
 
 class LocalEncoder(nn.Module):
@@ -105,13 +103,12 @@ def image_features(clip: Clip, local: LocalEncoder | None, images: Sequence[Path
     """Global vectors and local streams of readable images; unreadable ones are listed, not fatal."""
     unique = list(dict.fromkeys(images))
     vectors, rows, skipped = _decode_and_encode(clip.preprocess, unique, batch_size, workers, progress,
-                                                lambda pixels: torch.from_numpy(encode_image_batch(clip, pixels)),
-                                                "images")
+                                                ClipImageMapper(clip), "images")
     streams = None
     if local is not None:
         readable = [image for image in unique if image in rows]
         streams, local_rows, _ = _decode_and_encode(local.clip.preprocess, readable, batch_size, workers, progress,
-                                                    lambda pixels: local.prefix(pixels).half().cpu(), "local encoder")
+                                                    _LocalPrefix(local), "local encoder")
         if local_rows.keys() != rows.keys():
             raise UserError("images changed on disk while they were read; run the command again")
     if skipped:
@@ -119,24 +116,24 @@ def image_features(clip: Clip, local: LocalEncoder | None, images: Sequence[Path
     return ImageFeatures(rows, vectors, streams, skipped)
 
 
-def _decode_and_encode(preprocess, images: list[Path], batch_size: int, workers: int, progress: bool, encode,
+@dataclass
+class _LocalPrefix:
+    """The runner's mapper for the local encoder: the stream entering its first trainable block, float16."""
+
+    local: LocalEncoder
+
+    def __call__(self, batch: DecodedBatch) -> torch.Tensor:
+        return self.local.prefix(batch.pixels).half().cpu()
+
+
+def _decode_and_encode(preprocess, images: list[Path], batch_size: int, workers: int, progress: bool, mapper: Mapper,
                        desc: str) -> tuple[torch.Tensor, dict[Path, int], dict[Path, str]]:
-    chunks, rows, skipped = [], {}, {}
-    records = unindexed_records([str(image) for image in images])
-    with tqdm(total=len(records), unit="img", desc=desc, disable=not progress) as bar:
-        for batch in decoded_batches(FILESYSTEM_ROOT, records, preprocess, batch_size, workers):
-            for record in batch.records:
-                if record.reason is None:
-                    rows[Path(record.state.path)] = len(rows)
-                else:
-                    skipped[Path(record.state.path)] = record.reason
-            if batch.pixels is not None:
-                chunks.append(encode(batch.pixels))
-            bar.update(len(batch.records))
-    if not chunks:
+    reader = ImageReader([ImageRef(image, image) for image in images], preprocess, batch_size, workers)
+    found = run(reader, mapper, Collector(), progress, desc)
+    if not found.results:
         raise UserError(f"none of the {len(images)} images could be read, e.g. {images[0]}: "
-                        f"{skipped.get(images[0], 'unreadable')}")
-    return torch.cat(chunks), rows, skipped
+                        f"{found.skipped.get(images[0], 'unreadable')}")
+    return torch.as_tensor(found.stacked()), {image: row for row, image in enumerate(found.results)}, found.skipped
 
 
 def question_vectors(clip: Clip, questions: Sequence[str]) -> tuple[dict[str, int], torch.Tensor]:

@@ -13,24 +13,20 @@ scored with the benchmark's own accuracy; the best head is written at once (atom
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from vqa_search.core.atomic import write_json
-from vqa_search.core.encode import autocast
 from vqa_search.core.errors import UserError
 from vqa_search.core.image_stream import default_workers
 from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, load_clip, resolve_identity
-from vqa_search.core.plots import pyplot
-from vqa_search.core.training import beside, config_json, cosine_with_warmup, plot_training, seed_everything
+from vqa_search.core.training import Curve, Fitted, check_config, fit, seed_everything, weight_decay_groups
 from vqa_search.vqa.answerer import LOSSES, Answerer
 from vqa_search.vqa.answers import DEFAULT_VOCAB_SIZE, AnswerVocab
+from vqa_search.vqa.constants import DEFAULT_LOCAL_MODEL, DEFAULT_LOCAL_PRETRAINED  # light: the CLI reads them too
 from vqa_search.vqa.data import VqaQuestion, read_vqa
 from vqa_search.vqa.evaluate import accuracy_report
 from vqa_search.vqa.features import ImageFeatures, LocalEncoder, image_features, question_vectors
@@ -38,8 +34,8 @@ from vqa_search.vqa.heads import VARIANTS, AnswerHead, HeadConfig, answer_loss
 
 log = logging.getLogger("vqa_search")
 
-DEFAULT_LOCAL_MODEL = "ViT-B-16"
-DEFAULT_LOCAL_PRETRAINED = "laion2b_s34b_b88k"
+ACCURACY_CURVE = Curve("val VQA accuracy (%)", lambda record: {"overall": record["val"]["overall"],
+                                                               **record["val"]["by_type"]})
 
 
 @dataclass
@@ -70,25 +66,13 @@ class VqaTrainConfig:
 
 
 @dataclass
-class VqaTrainResult:
+class VqaTrainResult(Fitted):  # history: per epoch loss, val accuracy report, seconds
     path: Path
-    best_epoch: int
-    history: list[dict]  # per epoch: loss, val accuracy report, seconds
     seconds: float
-    curve: Path
-    history_path: Path
     vocab_size: int
     train_questions: int
     left_out: int  # train questions with no answer in the vocabulary
     skipped_images: int
-
-    @property
-    def best(self) -> dict:
-        return self.history[self.best_epoch - 1]
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        return {**data, **{name: str(data[name]) for name in ("path", "curve", "history_path")}}
 
     def summary(self) -> str:
         val = self.best["val"]
@@ -102,7 +86,6 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
               progress: bool = True) -> VqaTrainResult:
     started = time.perf_counter()
     out = _check(Path(out), config)
-    plt = pyplot()  # a missing matplotlib should fail now, not after training
     data = read_vqa(data_path, images=config.images)
     train, val = data.split(config.train_split), data.split(config.val_split)
     vocab = AnswerVocab.build((question.answers for question in train), config.vocab_size)
@@ -136,41 +119,26 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
     trainer = _Trainer(answerer, features, train, targets, vectors, torch.tensor([rows[q.question] for q in train]),
                        config, generator)
     val_vectors = vectors[[rows[question.question] for question in val]]
-    history_path, curve = beside(out, ".history.json"), beside(out, ".curve.png")
     log.info("training a %s head on %d questions about %d images (%d answers; %d questions without one left out)",
-             config.variant, len(train), len(features.rows), len(vocab.answers), left_out)
+             config.variant, len(train), len({question.image for question in train}), len(vocab.answers), left_out)
 
-    history: list[dict] = []
-    best: dict | None = None
-    for epoch in range(1, config.epochs + 1):
-        epoch_started = time.perf_counter()
-        loss = trainer.epoch(epoch, progress)
-        train_seconds = time.perf_counter() - epoch_started
+    def evaluate() -> tuple[float, dict]:
         predictions, _ = answerer.top_answers(features, [question.image for question in val], val_vectors)
         report = accuracy_report(val, [answers[0] for answers in predictions])
-        record = {"epoch": epoch, "loss": loss, "val": report, "seconds": round(train_seconds, 2)}
-        history.append(record)
-        if best is None or report["overall"] > best["val"]["overall"]:
-            best = record
-            answerer.save(out, record)
-        write_json(history_path, {"config": config_json(config), "best_epoch": best["epoch"], "history": history})
-        log.info("epoch %d/%d: loss %.4f, val accuracy %.2f%%, %.1f s%s", epoch, config.epochs, loss,
-                 report["overall"], train_seconds, ", saved as best" if best is record else "")
-        if epoch - best["epoch"] >= config.patience and epoch < config.epochs:
-            log.info("no better val accuracy for %d epochs: stopping early", config.patience)
-            break
-    accuracies = {"overall": [record["val"]["overall"] for record in history]}
-    accuracies.update({group: [record["val"]["by_type"][group] for record in history]
-                       for group in history[0]["val"]["by_type"]})
-    plot_training(plt, history, best["epoch"], curve, "val VQA accuracy (%)", accuracies)
+        return report["overall"], {"val": report}
+
+    fitted = fit(answerer, _parameter_groups(answerer, config), trainer.batches, trainer.loss, evaluate=evaluate,
+                 save_best=lambda record: answerer.save(out, record), out=out, config=config, steps=trainer.steps,
+                 device=device, curve=ACCURACY_CURVE, progress=progress)
     return VqaTrainResult(
-        path=out, best_epoch=best["epoch"], history=history, seconds=time.perf_counter() - started, curve=curve,
-        history_path=history_path, vocab_size=len(vocab.answers), train_questions=len(train), left_out=left_out,
-        skipped_images=len(features.skipped),
+        **vars(fitted), path=out, seconds=time.perf_counter() - started, vocab_size=len(vocab.answers),
+        train_questions=len(train), left_out=left_out, skipped_images=len(features.skipped),
     )
 
 
 class _Trainer:
+    """The train questions in image-grouped batches, and the answer loss on one batch."""
+
     def __init__(self, answerer: Answerer, features: ImageFeatures, questions: list[VqaQuestion],
                  targets: list[tuple[list[int], list[float]]], question_vectors: torch.Tensor,
                  question_rows: torch.Tensor, config: VqaTrainConfig, generator: torch.Generator):
@@ -179,37 +147,18 @@ class _Trainer:
         self.targets, self.config, self.generator = targets, config, generator
         self.question_vectors, self.question_rows = question_vectors, question_rows
         self.image_rows = np.array([features.rows[question.image] for question in questions])
-        steps = len(image_grouped_batches(self.image_rows, config.batch_size, generator))
-        self.optimizer = _optimizer(answerer, config)
-        self.schedule = cosine_with_warmup(self.optimizer, steps * config.epochs, config.warmup)
-        device = answerer.clip.device
-        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+        # batches per epoch, for the schedule: the count depends a little on the order, so one is drawn
+        self.steps = len(image_grouped_batches(self.image_rows, config.batch_size, generator))
 
-    def epoch(self, number: int, progress: bool) -> float:
-        batches = image_grouped_batches(self.image_rows, self.config.batch_size, self.generator)
-        self.answerer.train(True)
-        losses = []
-        with tqdm(total=len(batches), unit="batch", desc=f"epoch {number}", disable=not progress, leave=False) as bar:
-            for positions in batches:
-                losses.append(self.step(positions))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                bar.update()
-        return float(np.mean(losses))
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        return image_grouped_batches(self.image_rows, self.config.batch_size, self.generator)
 
-    def step(self, positions: np.ndarray) -> float:
-        answerer, device = self.answerer, self.answerer.clip.device
+    def loss(self, positions: np.ndarray) -> torch.Tensor:
+        device = self.answerer.clip.device
         global_vectors, streams, inverse = self.features.take([self.questions[i].image for i in positions])
-        targets = self._dense_targets(positions).to(device)
-        with autocast(device):
-            questions = self.question_vectors[self.question_rows[positions]]
-            logits = answerer.logits(global_vectors, questions, streams, inverse).float()
-            loss = answer_loss(logits, targets, self.config.loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.schedule.step()
-        return loss.item()
+        questions = self.question_vectors[self.question_rows[positions]]
+        logits = self.answerer.logits(global_vectors, questions, streams, inverse).float()
+        return answer_loss(logits, self._dense_targets(positions).to(device), self.config.loss)
 
     def _dense_targets(self, positions: np.ndarray) -> torch.Tensor:
         targets = torch.zeros((len(positions), len(self.answerer.vocab.answers)))
@@ -236,16 +185,13 @@ def image_grouped_batches(image_rows: np.ndarray, batch_size: int, generator: to
     return [batch for batch in batches if len(batch) > 1]
 
 
-def _optimizer(answerer: Answerer, config: VqaTrainConfig) -> torch.optim.Optimizer:
-    """AdamW; the local encoder's pretrained blocks move at a tenth of the head's rate unless told."""
-    head = [parameter for parameter in answerer.head.parameters()]
-    groups = [{"params": [p for p in head if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in head if p.ndim < 2], "weight_decay": 0.0}]
-    if answerer.local is not None and answerer.local.unfreeze_last:
+def _parameter_groups(answerer: Answerer, config: VqaTrainConfig) -> list[dict]:
+    """The head's, then the local encoder's trainable blocks at a tenth of the head's rate unless told."""
+    groups = weight_decay_groups(answerer.head, config.weight_decay)
+    if answerer.local is not None:  # frozen (--unfreeze-last 0): no trainable parameter, no group
         local_lr = config.local_lr if config.local_lr is not None else config.lr / 10
-        encoder = [parameter for parameter in answerer.local.parameters() if parameter.requires_grad]
-        groups.append({"params": encoder, "lr": local_lr, "weight_decay": config.weight_decay})
-    return torch.optim.AdamW(groups, lr=config.lr)
+        groups += weight_decay_groups(answerer.local, config.weight_decay, lr=local_lr)
+    return groups
 
 
 def _check(out: Path, config: VqaTrainConfig) -> Path:
@@ -255,15 +201,13 @@ def _check(out: Path, config: VqaTrainConfig) -> Path:
         raise UserError(f"--variant must be one of {', '.join(VARIANTS)} (got {config.variant!r})")
     if config.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)} (got {config.loss!r})")
-    for name, value, low in (("epochs", config.epochs, 1), ("batch-size", config.batch_size, 2),
-                             ("patience", config.patience, 1), ("vocab-size", config.vocab_size, 2),
+    check_config(config)
+    for name, value, low in (("batch-size", config.batch_size, 2), ("vocab-size", config.vocab_size, 2),
                              ("hidden", config.hidden, 1)):
         if value < low:
             raise UserError(f"--{name} must be at least {low} (got {value})")
-    if not config.lr > 0 or (config.local_lr is not None and not config.local_lr > 0):
-        raise UserError("learning rates must be positive")
+    if config.local_lr is not None and not config.local_lr > 0:
+        raise UserError(f"--local-lr must be positive (got {config.local_lr})")
     if not 0 <= config.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1) (got {config.dropout})")
-    if config.weight_decay < 0 or not math.isfinite(config.weight_decay):
-        raise UserError(f"--weight-decay must not be negative (got {config.weight_decay})")
     return out
