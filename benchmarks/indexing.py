@@ -29,7 +29,8 @@ from vqa_search.core.encode import encode_texts
 from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.core.store import CAPTIONS_SCHEMA, IMAGES_SCHEMA, FORMAT_VERSION, IndexDir
-from vqa_search.core.models import load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import resolve_identity
 from vqa_search.core.faiss_index import IndexSpec, build_faiss
 from vqa_search.retrieval.searcher import Index
 

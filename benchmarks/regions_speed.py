@@ -25,7 +25,8 @@ from torchvision.models import detection
 from vqa_search.align.regions import DETECTORS, RegionConfig, load_extractor
 from vqa_search.core.atomic import write_json
 from vqa_search.core.images import load_rgb
-from vqa_search.core.models import load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import resolve_identity
 
 SAMPLE = Path(os.environ.get("VQA_SEARCH_FLICKR8K_SAMPLE") or
               Path(__file__).resolve().parents[2] / "shared" / "flickr8k-sample").expanduser() / "Images"

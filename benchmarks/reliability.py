@@ -49,7 +49,7 @@ from vqa_search.align.reranker import CrossAttentionReranker, save_reranker
 from vqa_search.core.atomic import write_json
 from vqa_search.cli import EXIT_USER_ERROR
 from vqa_search.core.store import IndexDir
-from vqa_search.core.models import TINY_MODEL
+from vqa_search.core.identity import TINY_MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_artifacts import HEAD_FILES, RERANKER, RERANKER_FILES, randomized, rewrite, tiny_answerer  # noqa: E402

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig
 from vqa_search.align.train_rerank import RerankTrainConfig, RerankTrainer, TrainingSplit
 from vqa_search.core.encode import encode_texts
-from vqa_search.core.models import load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import resolve_identity
 from vqa_search.core.faiss_index import build_faiss, choose_spec, search
 from vqa_search.retrieval.recall import Gallery
 from vqa_search.align.rerank import FineInputs, caption_tokens, padded

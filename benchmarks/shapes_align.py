@@ -18,7 +18,7 @@ from vqa_search.align.region_store import compute_regions
 from vqa_search.align.regions import RegionConfig
 from vqa_search.align.train_rerank import RerankTrainConfig, train_reranker
 from vqa_search.indexer.build import BuildConfig, build_index
-from vqa_search.core.models import TINY_MODEL
+from vqa_search.core.identity import TINY_MODEL
 from vqa_search.retrieval.recall import RecallConfig, run_recall
 from vqa_search.align.rerank import reranked_run
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vqa_search.align.finetune import FinetuneConfig, FinetuneResult, finetune
-from vqa_search.core.models import TINY_MODEL
+from vqa_search.core.identity import TINY_MODEL
 from vqa_search.shapes import ShapesConfig, make_shapes
 
 STAGE1 = dict(epochs=60, batch_size=128, lr=1e-3, weight_decay=0.1, patience=8)  # from scratch: a large lr

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from shapes_stage1 import STAGE1, Laps, main, world_with_stage1
 from vqa_search.indexer.build import BuildConfig, build_index
-from vqa_search.core.models import TINY_MODEL
+from vqa_search.core.identity import TINY_MODEL
 from vqa_search.vqa.bench import VqaBenchConfig, run_vqa_bench
 from vqa_search.vqa.heads import VARIANTS
 from vqa_search.vqa.train import VqaTrainConfig, train_vqa

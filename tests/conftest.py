@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqa_search.core.models import TINY_MODEL
+from vqa_search.core.identity import TINY_MODEL
 
 # The 300-photo Flickr8k sample (Images/, captions.txt, Flickr8k.token.txt, split files): where the
 # environment variable says, else ../shared/flickr8k-sample beside the repository.

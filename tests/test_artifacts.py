@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, load_reranker, save_reranker
 from vqa_search.cli import app
 from vqa_search.core.errors import UserError
-from vqa_search.core.models import TINY_MODEL, Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.models import Clip, load_clip
+from vqa_search.core.identity import TINY_MODEL, ModelIdentity, resolve_identity
 from vqa_search.vqa.answerer import Answerer, load_answerer
 from vqa_search.vqa.answers import AnswerVocab
 from vqa_search.vqa.features import LocalEncoder

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from vqa_search.core.encode import encode_texts, supports_trimmed_text, token_embeddings
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 
 WORDS = "a dog runs on the beach while two children in red jackets play with a ball near water".split()
 

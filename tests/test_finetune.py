@@ -20,7 +20,8 @@ from vqa_search.core.encode import token_lengths
 from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.core.images import load_rgb
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity, sha256_file
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity, sha256_file
 from vqa_search.retrieval.recall import RecallConfig, run_recall, split_texts
 from vqa_search.shapes import ShapesConfig, make_shapes
 

@@ -27,7 +27,8 @@ from vqa_search.align.regions import _load_detector_weights
 from vqa_search.cli import app
 from vqa_search.core.atomic import write_json
 from vqa_search.core.errors import UserError
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 from vqa_search.core.store import IndexDir
 from vqa_search.indexer import build as build_module
 from vqa_search.indexer.datasets import read_dataset

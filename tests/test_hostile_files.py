@@ -17,7 +17,7 @@ from conftest import COLOURS, write_photo
 from test_images import png_header_only
 from vqa_search.core.files import NotARegularFile, open_regular
 from vqa_search.core.images import MAX_ASPECT_RATIO, ImageSkipped, load_rgb
-from vqa_search.core.models import sha256_file
+from vqa_search.core.identity import sha256_file
 from vqa_search.retrieval.searcher import Index
 
 HANG_LIMIT_S = 120  # far above a normal run of a few seconds; reaching it means something blocked

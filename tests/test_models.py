@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from vqa_search.core.errors import UserError
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 
 
 def _random_tiny(seed: int) -> torch.nn.Module:

@@ -18,7 +18,8 @@ from vqa_search.align.regions import RegionConfig, load_extractor
 from vqa_search.align.reranker import load_reranker
 from vqa_search.cli import app
 from vqa_search.core.errors import UserError
-from vqa_search.core.models import TINY_MODEL, ModelIdentity, load_clip, resolve_identity, sha256_file
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, ModelIdentity, resolve_identity, sha256_file
 from vqa_search.vqa.answerer import Answerer, load_answerer
 from vqa_search.vqa.answers import AnswerVocab
 from vqa_search.vqa.heads import AnswerHead, HeadConfig

@@ -13,7 +13,8 @@ from conftest import tiny_config, write_photo
 from vqa_search.cli import app
 from vqa_search.core.errors import UserError
 from vqa_search.indexer.build import BuildConfig, build_index
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 from vqa_search.core.faiss_index import choose_spec
 from vqa_search.retrieval.recall import RecallConfig, gallery_scores, run_recall
 

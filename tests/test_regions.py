@@ -21,7 +21,8 @@ from vqa_search.align.region_store import RegionSet, compute_regions
 from vqa_search.align.regions import GEOMETRY, PatchRegions, RegionConfig, fill_boxes, load_extractor
 from vqa_search.cli import app
 from vqa_search.core.errors import UserError
-from vqa_search.core.models import load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import resolve_identity
 
 SMALL = 96  # the detector's input side in tests: same code path, a fraction of the cost
 

@@ -21,7 +21,8 @@ from vqa_search.align.train_rerank import RerankTrainConfig, mine_negatives, tra
 from vqa_search.cli import app
 from vqa_search.core.errors import UserError
 from vqa_search.indexer.build import BuildConfig, build_index
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 from vqa_search.retrieval.recall import Gallery, RecallConfig, run_recall
 from vqa_search.align.rerank import (FineInputs, QueryReranker, caption_tokens, gallery_regions, reranked_ranks,
                                          reranked_run)

@@ -17,7 +17,8 @@ from torchvision.transforms.functional import to_tensor
 from vqa_search.core.encode import encode_image_batch
 from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader, ImageRef
 from vqa_search.core.images import ImageSkipped, load_rgb
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 from vqa_search.core.runner import ClipImageMapper, Collector, run
 
 BROKEN = "broken.jpg"

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqa_search.core.errors import UserError
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 from vqa_search.core.training import (Curve, beside, check_config, cosine_with_warmup, fit, seed_everything,
                                       weight_decay_groups)
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from vqa_search.cli import app
 from vqa_search.indexer.build import BuildConfig, build_index
-from vqa_search.core.models import TINY_MODEL, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import TINY_MODEL, resolve_identity
 from vqa_search.shapes import ShapesConfig, make_shapes
 from vqa_search.vqa.answerer import load_answerer
 from vqa_search.vqa.bench import VqaBenchConfig, run_vqa_bench

@@ -45,8 +45,10 @@ from vqa_search.core.artifacts import save_artifact
 from vqa_search.core.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
 from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
-from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef, default_workers
-from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef
+from vqa_search.core.threads import default_workers
+from vqa_search.core.models import Clip, load_clip
+from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, resolve_identity
 from vqa_search.retrieval.metrics import summarize
 from vqa_search.retrieval.recall import embed_gallery, gallery_ranks, split_texts
 from vqa_search.core.runner import Collector, run

@@ -35,7 +35,7 @@ from vqa_search.core.errors import UserError
 from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader, ImageRef
 from vqa_search.core.runner import run
 from vqa_search.core.store import FileState, IndexDir, ShardWriter, shard_file
-from vqa_search.core.models import ModelIdentity
+from vqa_search.core.identity import ModelIdentity
 from vqa_search.retrieval.searcher import Index, find_index
 
 FORMAT_VERSION = 1

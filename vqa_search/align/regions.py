@@ -35,8 +35,9 @@ from torchvision.transforms.functional import to_tensor
 from vqa_search.align.constants import DEFAULT_REGIONS  # light: the CLI reads it too
 from vqa_search.core.encode import autocast
 from vqa_search.core.errors import UserError
-from vqa_search.core.image_stream import default_workers
-from vqa_search.core.models import Clip, default_device, host_reachable, read_state_dict, sha256_file
+from vqa_search.core.threads import default_workers
+from vqa_search.core.models import Clip, default_device, host_reachable, read_state_dict
+from vqa_search.core.identity import sha256_file
 
 SOURCES = ("detector", "clip-patches")
 DETECTORS = {

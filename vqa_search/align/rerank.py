@@ -23,7 +23,8 @@ from vqa_search.align.reranker import CrossAttentionReranker, load_reranker
 from vqa_search.core.encode import token_embeddings, token_lengths
 from vqa_search.core.errors import UserError
 from vqa_search.core.images import load_named_image
-from vqa_search.core.models import Clip, ModelIdentity, load_clip
+from vqa_search.core.models import Clip, load_clip
+from vqa_search.core.identity import ModelIdentity
 from vqa_search.retrieval.metrics import first_correct_ranks, recall_curve, summarize
 from vqa_search.retrieval.recall import RecallRun
 from vqa_search.retrieval.searcher import Hit, Index, SearchResult

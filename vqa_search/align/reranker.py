@@ -25,7 +25,7 @@ from torch import nn
 
 from vqa_search.core.artifacts import (DIMENSION, FINITE, OPTIONAL_DIMENSION, ArtifactKind, Rule, expected_state,
                                   open_artifact, save_artifact)
-from vqa_search.core.models import ModelIdentity
+from vqa_search.core.identity import ModelIdentity
 
 FORMAT = "vqa-search-reranker/1"
 RERANKER_FILE = ArtifactKind(FORMAT, "re-ranker file", "a vqa-search re-ranker",

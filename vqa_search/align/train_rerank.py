@@ -28,7 +28,8 @@ from vqa_search.core.errors import UserError
 from vqa_search.core.training import Curve, Fitted, check_config, fit, seed_everything, weight_decay_groups
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.core.store import DEFAULT_DIR_NAME, IndexDir
-from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_clip, resolve_identity
+from vqa_search.core.models import load_clip
+from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, resolve_identity
 from vqa_search.retrieval.metrics import summarize
 from vqa_search.retrieval.recall import Gallery, RecallConfig, gallery_ranks, load_gallery
 from vqa_search.align.rerank import (DEFAULT_TOP, RERANKER_FILE, FineInputs, caption_tokens, gallery_regions,

@@ -90,6 +90,26 @@ def resolve_identity(model: str, pretrained: str | None,
     return ModelIdentity(model=model, pretrained=pretrained)
 
 
+def find_recorded_weights(recorded: ModelIdentity, owner: str, if_missing: str = "", if_changed: str = "",
+                          accept_changed: bool = False) -> ModelIdentity:
+    """The weights `owner` ("the index at X", "head Y") recorded, found again: a tag by its name, a
+    checkpoint by its path and content. A missing or changed file is one line, with the caller's advice.
+
+    Embeddings or heads of another checkpoint's space would give plausible-looking nonsense, so every
+    reader of a recorded identity (the index, queries, answer heads) comes through here.
+    """
+    if not recorded.sha256:
+        return resolve_identity(recorded.model, recorded.pretrained, known=recorded)
+    path = Path(recorded.pretrained)
+    if not path.is_file():
+        raise UserError(f"{owner} was made with checkpoint {path}, which no longer exists{if_missing}")
+    current = resolve_identity(recorded.model, str(path), known=recorded)
+    if not current.same_weights(recorded) and not accept_changed:
+        raise UserError(f"checkpoint {path} changed since {owner} was made with it (sha256 {recorded.sha256[:12]} "
+                        f"then, {current.sha256[:12]} now){if_changed}")
+    return current
+
+
 def _open_clip():
     """open_clip with this package's model configs (vqa-tiny) registered, which importing models does."""
     from vqa_search.core import models

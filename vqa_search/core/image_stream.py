@@ -23,10 +23,6 @@ from vqa_search.core.images import ImageSkipped, load_rgb
 from vqa_search.core.store import close_inherited_locks
 
 
-# Sized together with torch's threads, in a module without torch (the CLI reads it): core/threads.py.
-from vqa_search.core.threads import default_workers  # noqa: E402,F401
-
-
 @dataclass(frozen=True)
 class ImageRef:
     """A file to read, and the caller's key for it (returned with its result or skip reason)."""

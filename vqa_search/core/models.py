@@ -24,9 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from vqa_search.core.errors import UserError
-# The identity and the defaults live in a module without torch (the CLI and up-to-date checks read them).
-from vqa_search.core.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, NO_WEIGHTS, TINY_MODEL,  # noqa: F401
-                                      ModelIdentity, resolve_identity, sha256_file)
+from vqa_search.core.identity import NO_WEIGHTS, TINY_MODEL, ModelIdentity
 
 RANDOM_INIT_SEED = 0
 

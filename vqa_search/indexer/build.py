@@ -37,7 +37,8 @@ from vqa_search.core.store import (
     IndexDir,
     ShardWriter,
 )
-from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, resolve_identity, sha256_file
+from vqa_search.core.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, find_recorded_weights,
+                                      resolve_identity, sha256_file)
 
 # torch, open_clip and FAISS are imported when something is embedded or committed: an unchanged folder
 # is checked without them (the scan, the manifest and two parquet files), in well under a second.
@@ -191,23 +192,11 @@ def _choose_identity(index_dir: IndexDir, config: BuildConfig,
 
 def _recorded_weights(index_dir: IndexDir, recorded: ModelIdentity, reembed: bool) -> ModelIdentity:
     """The recorded identity, checked: a checkpoint file must still be there and hold the same weights."""
-    if not recorded.sha256:
-        return resolve_identity(recorded.model, recorded.pretrained, known=recorded)
-    path = Path(recorded.pretrained)
-    if not path.is_file():
-        raise UserError(
-            f"the index at {index_dir.path} was made with checkpoint {path}, which no longer exists: pass "
-            "--pretrained with its new path (the same weights are recognised by content), or other weights "
-            "with --reembed"
-        )
-    current = resolve_identity(recorded.model, str(path), known=recorded)
-    if not current.same_weights(recorded) and not reembed:
-        raise UserError(
-            f"checkpoint {path} changed since the index at {index_dir.path} was made with it (sha256 "
-            f"{recorded.sha256[:12]} then, {current.sha256[:12]} now): pass --reembed to embed everything "
-            "again with the new file"
-        )
-    return current
+    return find_recorded_weights(
+        recorded, f"the index at {index_dir.path}",
+        if_missing=(": pass --pretrained with its new path (the same weights are recognised by content), or "
+                    "other weights with --reembed"),
+        if_changed=": pass --reembed to embed everything again with the new file", accept_changed=reembed)
 
 
 class _Builder:

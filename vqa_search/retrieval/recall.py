@@ -23,9 +23,11 @@ import numpy as np
 from vqa_search.core.encode import encode_texts
 from vqa_search.core.errors import UserError
 from vqa_search.indexer.datasets import Dataset, read_dataset
-from vqa_search.core.image_stream import ImageReader, ImageRef, default_workers
+from vqa_search.core.image_stream import ImageReader, ImageRef
+from vqa_search.core.threads import default_workers
 from vqa_search.core.store import DEFAULT_DIR_NAME, FileState, IndexDir
-from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.models import Clip, load_clip
+from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, resolve_identity
 from vqa_search.core.faiss_index import build_faiss, choose_spec, search
 from vqa_search.core.runner import ClipImageMapper, Collector, run
 from vqa_search.retrieval.metrics import chance_recall, first_correct_ranks, recall_curve, summarize

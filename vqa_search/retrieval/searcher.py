@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from vqa_search.core.errors import UserError
 from vqa_search.core.store import DEFAULT_DIR_NAME, FileState, IndexDir
-from vqa_search.core.identity import ModelIdentity, resolve_identity
+from vqa_search.core.identity import ModelIdentity, find_recorded_weights, resolve_identity
 
 # The model (torch, open_clip) and FAISS are imported when first used: opening an index to read its
 # rows and vectors (export, info, recall's reuse check) needs neither.
@@ -134,25 +134,12 @@ class Index:
     @property
     def clip(self) -> Clip:
         if self._clip is None:
-            self._check_checkpoint_unchanged()
+            find_recorded_weights(self.identity, f"the index at {self.dir.path}",
+                                  if_changed=": run `vqa-search index --reembed` to embed it again with the new file")
             from vqa_search.core.models import load_clip
 
             self._clip = load_clip(self.identity)
         return self._clip
-
-    def _check_checkpoint_unchanged(self) -> None:
-        """Embeddings of another checkpoint's space would give plausible-looking nonsense."""
-        if not self.identity.sha256:
-            return
-        path = Path(self.identity.pretrained)
-        if not path.is_file():
-            raise UserError(f"the index at {self.dir.path} was built with checkpoint {path}, which no longer exists")
-        current = resolve_identity(self.identity.model, str(path), known=self.identity)
-        if not current.same_weights(self.identity):
-            raise UserError(
-                f"checkpoint {path} changed since the index at {self.dir.path} was built "
-                f"(sha256 {self.identity.sha256[:12]} then, {current.sha256[:12]} now): run `vqa-search index` again"
-            )
 
     def embeddings(self, target: str = "images") -> np.ndarray:
         """The stored L2-normalised vectors (memory-mapped), row = image id or caption id."""

@@ -19,7 +19,9 @@ import torch
 from vqa_search.core.artifacts import (DIMENSION, DROPOUT, OPTIONAL_DIMENSION, Artifact, ArtifactKind, at_least,
                                   expected_state, one_of, open_artifact, save_artifact)
 from vqa_search.core.errors import UserError
-from vqa_search.core.models import Clip, ModelIdentity, load_clip, resolve_identity
+from vqa_search.core.identity import find_recorded_weights
+from vqa_search.core.models import Clip, load_clip
+from vqa_search.core.identity import ModelIdentity
 from vqa_search.vqa.answers import AnswerVocab
 from vqa_search.vqa.features import ImageFeatures, LocalEncoder
 from vqa_search.vqa.heads import VARIANTS, AnswerHead, HeadConfig
@@ -179,11 +181,4 @@ def _must_match(artifact: Artifact, field: str, value: int, model: str, actual: 
 
 def _same_weights(recorded: ModelIdentity, head_path: Path) -> ModelIdentity:
     """The recorded weights, found again: a tag by name, a checkpoint by its path and content hash."""
-    try:
-        current = resolve_identity(recorded.model, recorded.pretrained)
-    except UserError:
-        current = None
-    if current is None or not current.same_weights(recorded):
-        raise UserError(f"head {head_path} was trained on {recorded.describe()}, which is not at "
-                        f"{recorded.pretrained} any more (moved or changed?)")
-    return current
+    return find_recorded_weights(recorded, f"head {head_path}", if_missing=" (moved?)")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vqa_search.core.errors import UserError
-from vqa_search.core.image_stream import default_workers
+from vqa_search.core.threads import default_workers
 from vqa_search.vqa.answers import majority_answers
 from vqa_search.vqa.data import VqaQuestion, read_vqa
 from vqa_search.vqa.evaluate import accuracy_report

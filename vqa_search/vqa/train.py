@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from vqa_search.core.errors import UserError
-from vqa_search.core.image_stream import default_workers
-from vqa_search.core.models import DEFAULT_MODEL, DEFAULT_PRETRAINED, default_device, load_clip, resolve_identity
+from vqa_search.core.threads import default_workers
+from vqa_search.core.models import default_device, load_clip
+from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, resolve_identity
 from vqa_search.core.training import Curve, Fitted, check_config, fit, seed_everything, weight_decay_groups
 from vqa_search.vqa.answerer import LOSSES, Answerer
 from vqa_search.vqa.answers import DEFAULT_VOCAB_SIZE, AnswerVocab
