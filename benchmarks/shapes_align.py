@@ -36,7 +36,7 @@ def run(work: Path, images: int, seed: int) -> dict:
     build_index(world, BuildConfig(model=TINY_MODEL, pretrained=str(checkpoint), progress=False))
     compute_regions(world, RegionConfig(source="clip-patches", progress=False))
     laps("index_and_regions")
-    stage2 = train_reranker(world, RerankTrainConfig(model=TINY_MODEL, checkpoint=str(checkpoint), lam=None,
+    stage2 = train_reranker(world, RerankTrainConfig(model=TINY_MODEL, pretrained=str(checkpoint), lam=None,
                                                      seed=seed, progress=False, **STAGE2))
     laps("stage2")
     test = run_recall(world, RecallConfig(split="test", model=TINY_MODEL, pretrained=str(checkpoint), progress=False))

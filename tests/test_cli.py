@@ -259,7 +259,7 @@ def test_thread_options_are_checked(photos, option, value, fragment):
 
 
 def test_train_rerank_region_set_and_its_old_name(indexed):
-    args = ["train", "rerank", str(indexed), "--model", "vqa-tiny", "--checkpoint", "none"]
+    args = ["train", "rerank", str(indexed), "--model", "vqa-tiny", "--pretrained", "none"]
     renamed = _run(*args, "--region-set", "clip-patches")
     _assert_one_line_error(renamed, "clip-patches")
     old = _run(*args, "--regions", "clip-patches")
@@ -269,6 +269,18 @@ def test_train_rerank_region_set_and_its_old_name(indexed):
     _assert_one_line_error(_run(*args, "--regions", "a", "--region-set", "b"), "give only --region-set")
     assert "--regions" not in _run("train", "rerank", "--help").stdout
 
+
+
+def test_train_rerank_pretrained_and_its_old_name(indexed):
+    args = ["train", "rerank", str(indexed), "--model", "vqa-tiny", "--region-set", "clip-patches"]
+    renamed = _run(*args, "--pretrained", "none")
+    _assert_one_line_error(renamed, "clip-patches")
+    old = _run(*args, "--checkpoint", "none")
+    assert old.exit_code == 2
+    warning, error = old.stderr.strip().splitlines()
+    assert warning.startswith("warning: `train rerank --checkpoint` is now --pretrained") and error == renamed.stderr.strip()
+    _assert_one_line_error(_run(*args, "--checkpoint", "a", "--pretrained", "b"), "give only --pretrained")
+    assert "--checkpoint" not in _run("train", "rerank", "--help").stdout
 
 def _command(path: str):
     command = typer.main.get_command(app)

@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 
 from vqa_search import Index
 from vqa_search.align import regions as regions_module
-from vqa_search.align.region_store import RegionSet, compute_regions
+from vqa_search.align.region_store import RegionDir, RegionSet, compute_regions
 from vqa_search.align.regions import GEOMETRY, PatchRegions, RegionConfig, fill_boxes, load_extractor
 from vqa_search.cli import app
 from vqa_search.core.errors import UserError
 from vqa_search.core.models import load_clip
 from vqa_search.core.identity import resolve_identity
+from vqa_search.core.store import GenerationDir, IndexDir
 
 SMALL = 96  # the detector's input side in tests: same code path, a fraction of the cost
 
@@ -213,6 +214,19 @@ def test_follows_the_index_added_removed_and_changed_images(indexed):
     assert "photo_0.png" not in regions.paths and "new.png" in regions.paths
     changed = regions.boxes([regions.row_of("photo_2.png")])[0]
     assert changed[:, 2].max() == pytest.approx(30, abs=1e-3)  # the new picture is 30 wide, not 48
+
+
+def test_a_region_set_is_a_generation_directory_without_the_index_parts(tmp_path):
+    assert issubclass(RegionDir, GenerationDir) and not issubclass(RegionDir, IndexDir)
+    for index_only in ("pending", "load_cache", "_load_generation", "_load_pending", "shard_writer", "clear_pending"):
+        assert hasattr(IndexDir, index_only) and not hasattr(RegionDir, index_only), index_only
+    region_dir = RegionDir(tmp_path / "regions" / "clip-patches")
+    with pytest.raises(UserError, match=r"^no region set at .*: run `vqa-search regions DATASET` first$"):
+        region_dir.read_manifest()
+    with region_dir.lock():
+        with pytest.raises(UserError, match="another vqa-search process .* is writing the region set at"):
+            with region_dir.lock():
+                pass
 
 
 def test_detector_set_stores_weights_identity_and_reopens_its_extractor(indexed, detector_file):

@@ -197,7 +197,7 @@ def trained(world, tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(train_rerank, "load_clip", lambda identity: clip)
     try:
-        result = train_reranker(world, RerankTrainConfig(model=TINY_MODEL, checkpoint="none", out=out, lam=None,
+        result = train_reranker(world, RerankTrainConfig(model=TINY_MODEL, pretrained="none", out=out, lam=None,
                                                          negatives=4, epochs=2, batch_size=32, attention_dim=16,
                                                          top=TOP, progress=False))
     finally:
@@ -242,7 +242,7 @@ def test_a_crash_keeps_the_best_reranker_so_far(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_rerank.RerankTrainer, "batches", crash_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        train_reranker(world, RerankTrainConfig(model=TINY_MODEL, checkpoint="none", out=out, negatives=4, epochs=3,
+        train_reranker(world, RerankTrainConfig(model=TINY_MODEL, pretrained="none", out=out, negatives=4, epochs=3,
                                                 batch_size=32, attention_dim=16, top=TOP, progress=False))
     assert load_reranker(out).config.regions == "clip-patches"
     history = json.loads(out.with_name("reranker.history.json").read_text())
@@ -253,8 +253,8 @@ def test_a_crash_keeps_the_best_reranker_so_far(world, tmp_path, monkeypatch):
     (["query", "x", "--explain"], "add --rerank"),
     (["query", "x", "--rerank", "--reranker", "missing.safetensors"], "no re-ranker at"),
     (["query", "x", "--rerank", "--target", "captions"], "text→image and image→caption"),
-    (["train", "rerank", ".", "--model", TINY_MODEL, "--checkpoint", "none", "--lambda", "big"], "--lambda takes"),
-    (["train", "rerank", ".", "--model", TINY_MODEL, "--checkpoint", "none", "--negatives", "0"], "--negatives"),
+    (["train", "rerank", ".", "--model", TINY_MODEL, "--pretrained", "none", "--lambda", "big"], "--lambda takes"),
+    (["train", "rerank", ".", "--model", TINY_MODEL, "--pretrained", "none", "--negatives", "0"], "--negatives"),
 ])
 def test_cli_mistakes_are_one_line_errors(world, trained, monkeypatch, args, message):
     monkeypatch.chdir(world)

@@ -95,6 +95,12 @@ def _user_errors(command):
     return wrapper
 
 
+def _given(ctx: typer.Context, parameter: str) -> bool:
+    """Whether `parameter` was on the command line, not left at its default."""
+    source = ctx.get_parameter_source(parameter)
+    return source is not None and source.name == "COMMANDLINE"  # by name: newer typer vendors its own click
+
+
 def _model_threads(command):
     """For a command that runs a model: its --threads and --workers sized together (core/threads.py),
     torch held to those threads while it runs. The command receives both as numbers."""
@@ -516,7 +522,7 @@ train_app = typer.Typer(help="""Adapt CLIP to a collection (stage-1 fine-tuning,
 \b
 Examples:
   vqa-search train finetune ./flickr8k --out ft.safetensors --unfreeze-last 2
-  vqa-search train rerank ./flickr8k --checkpoint ft.safetensors --lambda auto
+  vqa-search train rerank ./flickr8k --pretrained ft.safetensors --lambda auto
   vqa-search train vqa ./shapes --out head.safetensors --variant baseline --model vqa-tiny --pretrained none
 """, no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
@@ -576,9 +582,12 @@ def finetune(
 @_user_errors
 @_model_threads
 def rerank(
+    ctx: typer.Context,
     dataset: Path = typer.Argument(..., help="Indexed dataset with train and val splits and computed regions."),
-    checkpoint: str = typer.Option(DEFAULT_PRETRAINED, help="The frozen CLIP: stage-1 checkpoint file or pretrained tag."),
-    model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name of the checkpoint."),
+    pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="The frozen CLIP's weights: tag, stage-1 checkpoint file, or 'none'."),
+    old_pretrained: Optional[str] = typer.Option(None, "--checkpoint", hidden=True,
+                                                 help="Deprecated name of --pretrained, for one release."),
+    model: str = typer.Option(DEFAULT_MODEL, help="open_clip model name of those weights."),
     out: Optional[Path] = typer.Option(None, help="Re-ranker file. Default: INDEX/reranker.safetensors, used by `query --rerank`."),
     region_set: Optional[str] = typer.Option(
         None, "--region-set", help="Region set (frcnn-mobilenet, frcnn-r50, clip-patches). Default: the only one."),
@@ -605,8 +614,8 @@ def rerank(
     Examples:
       vqa-search index ./flickr8k --pretrained flickr8k-ft.safetensors
       vqa-search regions ./flickr8k
-      vqa-search train rerank ./flickr8k --checkpoint flickr8k-ft.safetensors --lambda auto
-      vqa-search train rerank ./shapes --model vqa-tiny --checkpoint shapes.safetensors --region-set clip-patches
+      vqa-search train rerank ./flickr8k --pretrained flickr8k-ft.safetensors --lambda auto
+      vqa-search train rerank ./shapes --model vqa-tiny --pretrained shapes.safetensors --region-set clip-patches
     """
     from vqa_search.align.train_rerank import RerankTrainConfig, train_reranker
 
@@ -617,8 +626,14 @@ def rerank(
         typer.echo("warning: `train rerank --regions` is now --region-set (it names a set; `regions --regions` is "
                    "a count); the old name goes in the next release", err=True)
         region_set = old_region_set
+    if old_pretrained is not None:
+        if _given(ctx, "pretrained"):
+            raise UserError("--checkpoint is the old name of --pretrained: give only --pretrained")
+        typer.echo("warning: `train rerank --checkpoint` is now --pretrained (as in every other command); "
+                   "the old name goes in the next release", err=True)
+        pretrained = old_pretrained
     config = RerankTrainConfig(
-        model=model, checkpoint=checkpoint, regions=region_set, out=out, index=index_dir, lam=_parse_lambda(lam),
+        model=model, pretrained=pretrained, regions=region_set, out=out, index=index_dir, lam=_parse_lambda(lam),
         negatives=negatives, region_hidden=region_mlp, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, patience=patience, top=top, seed=seed, progress=not quiet,
     )

@@ -34,7 +34,7 @@ from vqa_search.align.regions import GEOMETRY, RegionConfig, RegionExtractor, lo
 from vqa_search.core.errors import UserError
 from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader, ImageRef
 from vqa_search.core.runner import run
-from vqa_search.core.store import FileState, IndexDir, ShardWriter, shard_file
+from vqa_search.core.store import FileState, GenerationDir, IndexDir, ShardWriter, shard_file
 from vqa_search.core.identity import ModelIdentity
 from vqa_search.retrieval.searcher import Index, find_index
 
@@ -45,8 +45,12 @@ SHARD_SCHEMA = pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("mtime_
 ROWS_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [("shard", pa.string()), ("offset", pa.int32())])
 
 
-class RegionDir(IndexDir):
-    """One region set: the index directory's lock, generations and atomic commit, with its own shards."""
+class RegionDir(GenerationDir):
+    """One region set: a generation directory (lock, manifest, atomic commit) with its own shards.
+
+    Unlike the index it has no pending/ and no embedding cache: uncommitted shards wait in shards/,
+    and `_Update` deletes the ones no manifest needs any more after its commit.
+    """
 
     format_version = FORMAT_VERSION
     what = "region set"

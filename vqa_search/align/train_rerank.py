@@ -46,7 +46,7 @@ RECALL_CURVE = Curve("val R@1 (%)", lambda record: {"text→image": record["val"
 @dataclass
 class RerankTrainConfig:
     model: str = DEFAULT_MODEL
-    checkpoint: str = DEFAULT_PRETRAINED  # the frozen CLIP: a stage-1 checkpoint or a pretrained tag
+    pretrained: str = DEFAULT_PRETRAINED  # the frozen CLIP's weights: a stage-1 checkpoint file or a pretrained tag
     regions: str | None = None  # region set name; None = the one computed for the index
     out: Path | None = None  # default INDEX_DIR/reranker.safetensors, where `query --rerank` looks
     index: Path | None = None  # default DATASET/.vqa-search
@@ -98,12 +98,12 @@ def train_reranker(dataset: Path | str, config: RerankTrainConfig = RerankTrainC
     data = read_dataset(dataset)
     index_dir = IndexDir(config.index or Path(dataset) / DEFAULT_DIR_NAME)
     regions = RegionSet.open(index_dir.path, config.regions)
-    identity = resolve_identity(config.model, config.checkpoint)
+    identity = resolve_identity(config.model, config.pretrained)
     clip = load_clip(identity)
     clip.model.requires_grad_(False)
 
     def split(name: str) -> TrainingSplit:
-        recall_config = RecallConfig(split=name, model=config.model, pretrained=config.checkpoint,
+        recall_config = RecallConfig(split=name, model=config.model, pretrained=config.pretrained,
                                      progress=config.progress)
         gallery = load_gallery(data, recall_config, identity, index_dir)
         inputs = FineInputs(caption_tokens(clip, gallery.caption_texts), gallery_regions(regions, gallery.images))

@@ -14,8 +14,13 @@
 A query reads the manifest, then only files of the generation it names, so it never sees a
 half-written index. A shard counts once its parquet file exists (written after its .npy).
 
-A full or read-only disk is one line (`IndexDir.writing`): what failed, where, and what was kept. A
-failed commit removes what it wrote; the live generation and pending/ stay as they were.
+`GenerationDir` is what any such directory has: the lock, the manifest, generations and their atomic
+commit, and one-line storage errors. `IndexDir` adds what only the index has: pending/ and the
+embedding cache read from it and from the live generation. Region sets (align/region_store.py) are
+a `GenerationDir` with their own shards.
+
+A full or read-only disk is one line (`GenerationDir.writing`): what failed, where, and what was kept.
+A failed commit removes what it wrote; the live generation and pending/ stay as they were.
 """
 
 from __future__ import annotations
@@ -105,12 +110,16 @@ class EmbeddingCache:
             self.by_sha256[record.sha256] = record
 
 
-class IndexDir:
-    """A directory committed in generations under one manifest; region sets reuse it with their own names."""
+class GenerationDir:
+    """A directory committed in generations under one manifest, written by one process at a time.
 
-    format_version = FORMAT_VERSION
-    what = "index"  # for error messages
-    command = "vqa-search index DATASET"  # what creates this directory
+    A subclass names what it holds (`what`, for messages), the command that creates it and the format
+    it reads, and says in `kept_for_resume` what a failed write leaves for the next run.
+    """
+
+    format_version: int
+    what: str  # for error messages: "index", "region set"
+    command: str  # what creates this directory
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -119,18 +128,18 @@ class IndexDir:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
-    @property
-    def pending(self) -> Path:
-        return self.path / "pending"
-
     def exists(self) -> bool:
         return self.manifest_path.is_file()
+
+    def interrupted(self) -> bool:
+        """Whether a first run stopped before its commit left work that running it again finishes."""
+        return False
 
     def read_manifest(self) -> dict:
         try:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            if (self.pending / "model.json").is_file():  # a first build stopped before its commit
+            if self.interrupted():
                 raise UserError(f"an interrupted build of the {self.what} at {self.path} is pending: "
                                 f"run `{self.command}` again to finish it") from None
             raise UserError(f"no {self.what} at {self.path}: run `{self.command}` first") from None
@@ -150,7 +159,7 @@ class IndexDir:
     def lock(self) -> Iterator[None]:
         """One writer at a time; the kernel drops the lock if the writer dies, even by kill -9.
 
-        Taking it writes, so a read-only index fails here, before any work, even when nothing changed.
+        Taking it writes, so a read-only directory fails here, before any work, even when nothing changed.
         """
         target = f"the {self.what} at {self.path}"
         with self.writing(target, lambda: "nothing was written"):
@@ -163,7 +172,7 @@ class IndexDir:
                 handle.seek(0)
                 holder = handle.read().decode(errors="replace").strip() or "unknown"
                 raise UserError(
-                    f"another vqa-search process (pid {holder}) is writing the index at {self.path}; "
+                    f"another vqa-search process (pid {holder}) is writing the {self.what} at {self.path}; "
                     "wait for it to finish or stop it"
                 ) from None
             with self.writing(target, lambda: "nothing was written"):
@@ -192,6 +201,62 @@ class IndexDir:
             committed = (f"the committed {self.what} is unchanged" if self.exists()
                          else f"no {self.what} was committed here yet")
             raise UserError(f"{failed}: {_joined(kept(), committed)}") from None
+
+    def kept_for_resume(self) -> str:
+        """What the directory holds for the next run after a failed write; empty: nothing."""
+        return ""
+
+    def commit(self, files: dict[str, object], manifest: dict) -> Path:
+        """Write a new generation, then the manifest naming it; then drop what is two generations old.
+
+        If that fails, what it wrote is removed, so a full disk gets its space back, and the manifest
+        and the live generation are as they were for the next run.
+        """
+        previous = self.read_manifest()["generation"] if self.exists() else 0
+        number = previous + 1
+        gen = self.generation(number)
+        staging = self.path / f".staging-{number:06d}"
+        with self.writing(f"generation {gen.name} in {self.path}",
+                          lambda: _joined("it was removed", self.kept_for_resume())):
+            for stale in self.path.glob(".staging-*"):  # left by a writer killed while committing
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                staging.mkdir()
+                for name, content in files.items():
+                    _write_file(staging / name, content)
+                shutil.rmtree(gen, ignore_errors=True)
+                os.replace(staging, gen)
+                _fsync_dir(self.path)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(gen, ignore_errors=True)
+                raise
+            try:
+                write_json(self.manifest_path, {**manifest, "generation": number})
+            except OSError:  # the manifest was not replaced: nothing names the new generation
+                shutil.rmtree(gen, ignore_errors=True)
+                raise
+        # The previous generation stays one more commit, so a searcher opened on it keeps working.
+        keep = {gen, self.generation(previous)}
+        for old in self.path.glob("gen-*"):
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+        return gen
+
+
+class IndexDir(GenerationDir):
+    """The index: generations of embeddings and FAISS indexes, plus pending/ shards and the embedding cache."""
+
+    format_version = FORMAT_VERSION
+    what = "index"
+    command = "vqa-search index DATASET"
+
+    @property
+    def pending(self) -> Path:
+        return self.path / "pending"
+
+    def interrupted(self) -> bool:
+        return (self.pending / "model.json").is_file()
 
     # ---- the embedding cache -------------------------------------------------------------
 
@@ -260,40 +325,9 @@ class IndexDir:
     # ---- committing ----------------------------------------------------------------------
 
     def commit(self, files: dict[str, object], manifest: dict) -> Path:
-        """Write a new generation, then the manifest naming it; then drop what is two generations old.
-
-        If that fails, what it wrote is removed, so a full disk gets its space back, and the manifest,
-        the live generation and pending/ are as they were for the next run.
-        """
-        previous = self.read_manifest()["generation"] if self.exists() else 0
-        number = previous + 1
-        gen = self.generation(number)
-        staging = self.path / f".staging-{number:06d}"
-        with self.writing(f"generation {gen.name} in {self.path}",
-                          lambda: _joined("it was removed", self.kept_for_resume())):
-            for stale in self.path.glob(".staging-*"):  # left by a writer killed while committing
-                shutil.rmtree(stale, ignore_errors=True)
-            try:
-                staging.mkdir()
-                for name, content in files.items():
-                    _write_file(staging / name, content)
-                shutil.rmtree(gen, ignore_errors=True)
-                os.replace(staging, gen)
-                _fsync_dir(self.path)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                shutil.rmtree(gen, ignore_errors=True)
-                raise
-            try:
-                write_json(self.manifest_path, {**manifest, "generation": number})
-            except OSError:  # the manifest was not replaced: nothing names the new generation
-                shutil.rmtree(gen, ignore_errors=True)
-                raise
-        # The previous generation stays one more commit, so a searcher opened on it keeps working.
-        keep = {gen, self.generation(previous)}
-        for old in self.path.glob("gen-*"):
-            if old not in keep:
-                shutil.rmtree(old, ignore_errors=True)
+        """The generation commit, after which pending/ is spent: its shards are in the new generation.
+        A failed commit leaves pending/ as it was, for the next run."""
+        gen = super().commit(files, manifest)
         self.clear_pending()
         return gen
 
@@ -307,7 +341,7 @@ class ShardWriter:
     messages ("the 1,024 images embedded for it are lost").
     """
 
-    def __init__(self, owner: IndexDir, directory: Path, kind: str, rows_per_shard: int = 1024,
+    def __init__(self, owner: GenerationDir, directory: Path, kind: str, rows_per_shard: int = 1024,
                  seconds_per_shard: float = 30.0, arrays: dict[str, type] | None = None,
                  schema: pa.Schema | None = None, items: str | None = None, done: str = "embedded"):
         with owner.writing(f"the folder {directory}", lambda: ""):

@@ -68,7 +68,7 @@ def find_index(start: Path | str | None = None, upwards: bool = True) -> Path:
             found = IndexDir(candidate)
             if found.exists():
                 return candidate
-            if (found.pending / "model.json").is_file():  # a first build, interrupted: not "no index"
+            if found.interrupted():  # a first build, interrupted: not "no index"
                 found.read_manifest()  # says so, and that running `index` again finishes it
                 return candidate  # committed in the meantime
     where = f"in {start} or its parents" if upwards else f"at {start}"
