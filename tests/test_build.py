@@ -22,8 +22,15 @@ def _generation(index_dir):
     return manifest, index_dir / f"gen-{manifest['generation']:06d}"
 
 
+def test_build_returns_the_opened_index_and_its_report(photos):
+    index = Index.build(photos, **tiny_config())
+    assert isinstance(index, Index) and index.dir.path == photos / ".vqa-search"
+    assert index.report.embedded_images == 6 and index.image_paths == [f"photo_{i}.png" for i in range(6)]
+    assert Index.open(photos).report is None  # only a build has one
+
+
 def test_index_files_are_open_formats(photos):
-    report = Index.build(photos, **tiny_config())
+    report = Index.build(photos, **tiny_config()).report
     assert (report.images, report.captions, report.embedded_images, report.embedded_captions) == (6, 12, 6, 12)
     manifest, gen = _generation(photos / ".vqa-search")
     assert manifest["model"] == {"model": "vqa-tiny", "pretrained": "none", "sha256": None}
@@ -46,7 +53,7 @@ def test_index_files_are_open_formats(photos):
 def test_rerun_unchanged_embeds_nothing_and_loads_no_model(photos, monkeypatch):
     Index.build(photos, **tiny_config())
     monkeypatch.setattr(build_module, "load_clip", _must_not_be_called)
-    report = Index.build(photos, **tiny_config())
+    report = Index.build(photos, **tiny_config()).report
     assert report.up_to_date and report.embedded_images == 0 and report.embedded_captions == 0
 
 
@@ -63,7 +70,7 @@ def test_incremental_add_change_delete(photos):
     write_photo(photos / "Images" / "photo_1.png", COLOURS[8], size=(40, 48))  # changed content
     (photos / "Images" / "photo_2.png").unlink()
     os.utime(photos / "Images" / "photo_3.png", ns=(1, 1))  # touched, same content
-    report = Index.build(photos, **tiny_config())
+    report = Index.build(photos, **tiny_config()).report
 
     assert report.embedded_images == 2  # the new and the changed photo, nothing else
     assert report.embedded_captions == 0
@@ -110,7 +117,7 @@ def test_index_is_found_from_a_subfolder(photos, monkeypatch):
 def test_folder_without_captions(tmp_path):
     for i in range(3):
         write_photo(tmp_path / "album" / f"img{i}.jpg", COLOURS[i])
-    report = Index.build(tmp_path / "album", **tiny_config())
+    report = Index.build(tmp_path / "album", **tiny_config()).report
     assert (report.images, report.captions) == (3, 0)
     index = Index.open(tmp_path / "album")
     assert index.search(text="anything", k=2).results[0].caption is None
@@ -124,7 +131,7 @@ def test_bad_files_are_skipped_and_reported(photos):
     (images / "notes.png").write_text("not an image")
     full = (images / "photo_0.png").read_bytes()
     (images / "cut.png").write_bytes(full[: len(full) // 2])
-    report = Index.build(photos, **tiny_config())
+    report = Index.build(photos, **tiny_config()).report
     assert report.images == 6
     assert sorted(s["path"] for s in report.skipped) == ["cut.png", "empty.jpg", "notes.png"]
     manifest, _ = _generation(photos / ".vqa-search")
@@ -132,7 +139,7 @@ def test_bad_files_are_skipped_and_reported(photos):
     assert all(s["reason"] for s in manifest["skipped"])
     assert "skipped 3 files" in report.summary()
     # Skipped files are remembered: an unchanged rerun does not try them again.
-    assert Index.build(photos, **tiny_config()).up_to_date
+    assert Index.build(photos, **tiny_config()).report.up_to_date
 
 
 def test_empty_folder_and_unreadable_folder_are_user_errors(tmp_path):

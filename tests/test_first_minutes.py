@@ -63,7 +63,7 @@ def _must_not_load(*args, **kwargs):
 def test_rerun_without_model_flags_reuses_the_recorded_model(photos, monkeypatch):
     Index.build(photos, **tiny_config())
     monkeypatch.setattr(build_module, "load_clip", _must_not_load)  # the default weights would need a download
-    report = Index.build(photos, workers=0, progress=False)
+    report = Index.build(photos, workers=0, progress=False).report
     assert report.up_to_date and report.model == "vqa-tiny with weights none"
     result = runner.invoke(app, ["index", str(photos), "--workers", "0", "--quiet"])
     assert result.exit_code == 0, result.output + result.stderr
@@ -73,7 +73,7 @@ def test_rerun_reuses_a_recorded_checkpoint_file_and_embeds_only_what_changed(ph
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     Index.build(photos, **tiny_config(pretrained=str(checkpoint)))
     write_photo(photos / "Images" / "new.png", COLOURS[8])
-    report = Index.build(photos, workers=0, progress=False)
+    report = Index.build(photos, workers=0, progress=False).report
     assert (report.embedded_images, report.reembedded_from) == (1, None)
     assert Index.open(photos).identity.pretrained == str(checkpoint.resolve())
     checkpoint.unlink()
@@ -91,12 +91,12 @@ def test_other_weights_on_an_existing_index_need_reembed(photos, tmp_path):
     assert "holds vqa-tiny with weights none" in message
     assert Index.open(photos).identity.pretrained == "none"  # untouched
 
-    report = Index.build(photos, **tiny_config(pretrained=str(checkpoint), reembed=True))
+    report = Index.build(photos, **tiny_config(pretrained=str(checkpoint), reembed=True)).report
     assert (report.embedded_images, report.embedded_captions) == (6, 12)
     assert report.reembedded_from == "vqa-tiny with weights none"
     assert "re-embedded everything with vqa-tiny with weights" in report.summary()
     assert Index.open(photos).identity.sha256
-    assert Index.build(photos, workers=0, progress=False).up_to_date  # and it is now the recorded model
+    assert Index.build(photos, workers=0, progress=False).report.up_to_date  # and it is now the recorded model
 
 
 def test_cli_names_the_reembed_flag(photos, tmp_path):
@@ -116,7 +116,7 @@ def test_an_interrupted_reembedding_is_finished_by_running_index_again(photos, t
     checkpoint = _tiny_checkpoint(tmp_path / "tiny.pt")
     # What a --reembed run killed before its first shard leaves behind: pending/ with its weights.
     IndexDir(photos / ".vqa-search").shard_writer("images", resolve_identity(TINY_MODEL, str(checkpoint)))
-    report = Index.build(photos, workers=0, progress=False)
+    report = Index.build(photos, workers=0, progress=False).report
     assert report.reembedded_from == "vqa-tiny with weights none" and report.embedded_images == 6
     assert Index.open(photos).identity.sha256
 
@@ -206,7 +206,7 @@ def test_report_counts_only_what_was_embedded_and_says_it_in_good_english(tmp_pa
     album = tmp_path / "album"
     write_photo(album / "good.png", COLOURS[0])
     (album / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    report = Index.build(album, **tiny_config())
+    report = Index.build(album, **tiny_config()).report
     assert (report.images, report.embedded_images) == (1, 1)
     summary = report.summary()
     assert "indexed 1 image (1 embedded now) and 0 captions (0 embedded now)" in summary
@@ -241,7 +241,7 @@ def test_an_interrupted_first_build_is_not_called_no_index(photos, monkeypatch):
     line = _one_line_exit_2(runner.invoke(app, ["query", "a picture"]))
     assert "interrupted build" in line
     # ... and running index again, without flags, finishes it with the model it was started with.
-    report = Index.build(photos, workers=0, progress=False)
+    report = Index.build(photos, workers=0, progress=False).report
     assert report.model == "vqa-tiny with weights none" and Index.open(photos).identity.pretrained == "none"
 
 

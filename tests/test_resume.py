@@ -58,10 +58,10 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     shards = sorted(p.name for p in index_dir.pending.glob("images-*.parquet"))
     assert len(shards) == KILL_AFTER_BATCHES  # every embedded batch reached the disk
 
-    resumed = Index.build(album, **config)
+    resumed = Index.build(album, **config).report
     assert resumed.embedded_images == N_IMAGES - 2 * KILL_AFTER_BATCHES
 
-    clean = Index.build(_album(tmp_path / "clean"), **config)
+    clean = Index.build(_album(tmp_path / "clean"), **config).report
     assert clean.embedded_images == N_IMAGES
     got, want = Index.open(album), Index.open(tmp_path / "clean")
     assert got.image_paths == want.image_paths == [f"{i:02d}.png" for i in range(N_IMAGES)]
@@ -124,5 +124,5 @@ def test_shards_left_after_the_commit_point_are_removed(tmp_path):
     writer.add({"path": "00.png", "bytes": 1, "mtime_ns": 1, "sha256": "x", "width": 1, "height": 1,
                 "reason": None}, np.zeros(64, np.float32))
     assert list(index_dir.pending.glob("images-*.parquet"))
-    assert Index.build(album, **tiny_config()).up_to_date
+    assert Index.build(album, **tiny_config()).report.up_to_date
     assert not index_dir.pending.exists()

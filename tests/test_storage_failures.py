@@ -108,7 +108,7 @@ def test_disk_full_at_the_first_shard_flush(tmp_path, disk, monkeypatch):
 
     monkeypatch.undo()
     _remount(disk, "size=8m")
-    resumed = Index.build(album, **config)
+    resumed = Index.build(album, **config).report
     assert (resumed.images, resumed.embedded_images) == (8, 4)
     _assert_answers(index, 8)
 
@@ -136,7 +136,7 @@ def test_disk_full_at_the_commit_keeps_the_pending_shards(tmp_path, disk, monkey
 
     monkeypatch.undo()
     _remount(disk, "size=8m")
-    resumed = Index.build(album, **tiny_config(out=index))
+    resumed = Index.build(album, **tiny_config(out=index)).report
     assert (resumed.images, resumed.embedded_images) == (8, 0)
     assert not (index / "pending").exists()
     _assert_answers(index, 8)

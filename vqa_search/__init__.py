@@ -1,8 +1,8 @@
 """vqa-search: search photo collections by meaning with CLIP and FAISS.
 
     from vqa_search import Index
-    Index.build("./flickr8k")
-    hits = Index.open("./flickr8k/.vqa-search").search(text="dog on beach", k=5)
+    index = Index.build("./flickr8k")  # later: Index.open("./flickr8k")
+    hits = index.search(text="dog on beach", k=5)
 """
 
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from vqa_search.core.identity import ModelIdentity, find_recorded_weights, resol
 # rows and vectors (export, info, recall's reuse check) needs neither.
 if TYPE_CHECKING:
     from vqa_search.core.models import Clip
+    from vqa_search.indexer.build import BuildReport
 
 TARGETS = ("images", "captions")
 
@@ -102,16 +103,21 @@ class Index:
             self.captions_of[image_id].append(text)
         self._faiss: dict[str, object] = {}
         self._clip = clip
+        self.report: BuildReport | None = None  # set by Index.build: what that run did
         self._nprobe_noted: set[str] = set()  # targets whose flat index was already said to ignore nprobe
 
     # ---- construction ----------------------------------------------------------------------
 
     @classmethod
-    def build(cls, dataset: Path | str, **config):
-        """Create or update the index of `dataset`; keyword arguments are `BuildConfig` fields."""
+    def build(cls, dataset: Path | str, **config) -> "Index":
+        """Create or update the index of `dataset` and open it; keyword arguments are `BuildConfig`
+        fields, and what the run did (embedded, reused, skipped) is the opened index's `report`."""
         from vqa_search.indexer.build import BuildConfig, build_index
 
-        return build_index(dataset, BuildConfig(**config))
+        report = build_index(dataset, BuildConfig(**config))
+        index = cls(IndexDir(report.index_dir))
+        index.report = report
+        return index
 
     @classmethod
     def open(cls, path: Path | str | None = None, model: str | None = None, pretrained: str | None = None) -> "Index":
