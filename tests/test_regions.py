@@ -179,20 +179,20 @@ def test_crash_after_the_first_batch_resumes_from_its_shard(indexed, monkeypatch
     real = PatchRegions.extract_pixels
     computed = []
 
-    def crashing(self, pixels, sizes):
+    def crashing(self, pixels, sizes, paths=None):
         if computed:
             raise RuntimeError("simulated crash")
         computed.append(len(sizes))
-        return real(self, pixels, sizes)
+        return real(self, pixels, sizes, paths)
 
     monkeypatch.setattr(PatchRegions, "extract_pixels", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         compute_regions(indexed, _patches(rows_per_shard=2))
     assert not (indexed / ".vqa-search" / "regions" / "clip-patches" / "manifest.json").exists()
 
-    def counting(self, pixels, sizes):
+    def counting(self, pixels, sizes, paths=None):
         computed.append(len(sizes))
-        return real(self, pixels, sizes)
+        return real(self, pixels, sizes, paths)
 
     monkeypatch.setattr(PatchRegions, "extract_pixels", counting)
     report = compute_regions(indexed, _patches(rows_per_shard=2))

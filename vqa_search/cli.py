@@ -346,7 +346,12 @@ def make_shapes(
 @_model_threads
 def regions(
     dataset: Path = typer.Argument(..., help="Indexed dataset folder (or its index directory)."),
-    source: str = typer.Option("detector", help="detector | clip-patches (the index's CLIP ViT patches: cheaper)."),
+    source: str = typer.Option(
+        "detector", help="detector | clip-patches (the index's CLIP ViT patches: cheaper) | clip-crops (each box "
+        "cropped and embedded by the index's CLIP; without --boxes the whole image and a grid)."),
+    boxes: Optional[Path] = typer.Option(
+        None, "--boxes", help="COCO-format boxes file (e.g. the shapes world's boxes.json): each image's given boxes "
+        "first, in file order, instead of detections; then the whole image and the grid up to K."),
     detector: Optional[str] = typer.Option(None, help="frcnn-r50 | frcnn-mobilenet. Default: R50 on GPU, MobileNet on CPU."),
     detector_weights: Optional[Path] = typer.Option(None, help="Detector state dict (.pth or .safetensors). Default: torchvision's cache."),
     num_regions: Optional[int] = typer.Option(
@@ -363,6 +368,7 @@ def regions(
     Examples:
       vqa-search regions ./flickr8k --detector frcnn-mobilenet
       vqa-search regions ./shapes --source clip-patches
+      vqa-search regions ./shapes --boxes ./shapes/boxes.json --source clip-crops
     """
     from vqa_search.align.region_store import compute_regions
     from vqa_search.align.regions import RegionConfig
@@ -370,7 +376,7 @@ def regions(
     _setup_logging(quiet)
     config = RegionConfig(
         source=source, detector=detector, detector_weights=detector_weights, regions=num_regions,
-        batch_size=batch_size, workers=workers, progress=not quiet,
+        batch_size=batch_size, workers=workers, progress=not quiet, boxes=boxes,
     )
     report = compute_regions(dataset, config)
     if as_json:
@@ -458,22 +464,28 @@ def recall(
 @bench_app.command()
 @_user_errors
 def report(
-    results: Path = typer.Argument(..., help="Results file written by `bench recall --append`."),
+    results: Path = typer.Argument(..., help="Results file written by `bench recall --append` (and `bench compositional --append`)."),
     out: Optional[Path] = typer.Option(None, help="Write the markdown table here (default: print it)."),
     plot: Optional[Path] = typer.Option(None, help="Draw all runs' recall@K curves in one PNG."),
 ) -> None:
-    """Several recall runs in one markdown table (with chance rows) and one plot.
+    """Several recall runs in one markdown table (with chance rows) and one plot; compositional runs in their own table.
 
     \b
     Example:
       vqa-search bench report results.jsonl --out table.md --plot curves.png
     """
+    from vqa_search.retrieval.compositional import is_compositional, markdown_table as compositional_table
     from vqa_search.retrieval.recall_report import markdown_table, plot_curves, read_runs
 
     runs = read_runs(results)
-    table = markdown_table(runs)
+    recall_runs = [run for run in runs if not is_compositional(run)]
+    compositional = [run for run in runs if is_compositional(run)]
+    table = "\n".join(([markdown_table(recall_runs)] if recall_runs else [])
+                      + ([compositional_table(compositional)] if compositional else []))
     if plot:
-        plot_curves(runs, plot)
+        if not recall_runs:
+            raise UserError(f"{results} holds no recall runs to plot")
+        plot_curves(recall_runs, plot)
     if out:
         write_text(out, table)
     else:
@@ -515,6 +527,59 @@ def bench_vqa(
     if json_out:
         write_json(json_out, results)
     typer.echo(accuracy_table(results))
+
+
+@bench_app.command("compositional")
+@_user_errors
+@_model_threads
+def bench_compositional(
+    data: Path = typer.Argument(..., help="A folder of SugarCrepe files (swap_att.json, ...), one such file, "
+                                          "or a Winoground file (.jsonl, or .json holding a list)."),
+    images: Optional[Path] = typer.Option(None, help="Folder the image names are relative to. Default: the "
+                                                     "SugarCrepe folder's parent, or the Winoground file's folder."),
+    model: Optional[str] = typer.Option(None, help=f"open_clip model name. Default: the index's, else {DEFAULT_MODEL}."),
+    pretrained: Optional[str] = typer.Option(
+        None, help=f"open_clip pretrained tag, a checkpoint file, or 'none'. Default: the index's, else {DEFAULT_PRETRAINED}."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index (or its dataset folder) whose regions "
+                                                                   "--reranker reads. Default: the images folder."),
+    reranker: Optional[Path] = typer.Option(None, help="Also a row with this stage-2 re-ranker: s = s_global + λ·s_fine."),
+    name: Optional[str] = typer.Option(None, help="Row label in reports. Default: 'MODEL PRETRAINED'."),
+    batch_size: int = typer.Option(64, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON to this file ('-': stdout)."),
+    append: Optional[Path] = typer.Option(None, help="Add the run(s) to this results file (JSON lines) for `bench report`."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; the table stays."),
+) -> None:
+    """Compositional captions: SugarCrepe accuracy per category, Winoground text / image / group scores.
+
+    SugarCrepe: share of images whose true caption scores above its hard negative (chance 50 %).
+    Winoground: text, image and group scores of caption/image pairs (chance 25, 25, 16.7 %).
+    `make-shapes` writes both for its test split: DATASET/sugarcrepe/ and DATASET/winoground.jsonl.
+
+    \b
+    Examples:
+      vqa-search bench compositional ./shapes/sugarcrepe --append results.jsonl
+      vqa-search bench compositional ./shapes/winoground.jsonl --reranker ./shapes/.vqa-search/reranker.safetensors
+      vqa-search bench compositional ./sugarcrepe/data --images ./coco/val2017 --json -
+    """
+    from vqa_search.align.compositional import CompositionalConfig, run_compositional
+    from vqa_search.retrieval.compositional import text_table as compositional_text
+    from vqa_search.retrieval.recall_report import append_run
+
+    _setup_logging(quiet)
+    config = CompositionalConfig(model=model, pretrained=pretrained, images=images, index=index_dir, reranker=reranker,
+                                 name=name, batch_size=batch_size, workers=workers, progress=not quiet)
+    results = run_compositional(data, config)
+    if append:
+        for result in results:
+            append_run(append, result)
+    if json_out == Path("-"):
+        _print_json(results[0] if len(results) == 1 else results)
+        return
+    if json_out:
+        write_json(json_out, results[0] if len(results) == 1 else results)
+    typer.echo("\n".join(compositional_text(result) for result in results))
 
 
 train_app = typer.Typer(help="""Adapt CLIP to a collection (stage-1 fine-tuning, the stage-2 re-ranker) and train VQA answer heads.

@@ -55,6 +55,9 @@ MARKER_NAME = "dataset_shapes.json"
 IMAGES_DIR = "Images"
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
 ANSWER_TYPES = {"yes/no": "yes/no", "color": "other", "count": "number", "shape": "other"}
+SUGARCREPE_DIR = "sugarcrepe"  # swap_att.json ... in SugarCrepe's format, for `bench compositional`
+SUGARCREPE_FILES = ("swap_att", "swap_obj", "replace_att", "replace_obj")
+WINOGROUND_FILE = "winoground.jsonl"  # twin pairs in Winoground's format
 
 
 @dataclass
@@ -131,6 +134,7 @@ def make_shapes(out: Path | str, config: ShapesConfig = ShapesConfig(), progress
     _write_split_files(out, specs)
     _write_questions(out / "vqa.jsonl", specs)
     write_json(out / "boxes.json", coco_boxes(specs, config.size))
+    _write_compositional(out, specs, config.seed)
     return ShapesSummary(
         out=out,
         images=len(specs),
@@ -668,3 +672,117 @@ def coco_boxes(specs: list[ImageSpec], size: int) -> dict:
         "annotations": annotations,
         "categories": [{"id": k, "name": shape, "supercategory": "shape"} for shape, k in category_ids.items()],
     }
+
+
+
+# ---------------------------------------------------------------- compositional benchmarks
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A caption as a checkable statement: 'there is a red circle' or 'a red circle <rel> a blue square'.
+
+    Objects are named by colour and shape only; a relation needs each name to fit exactly one object.
+    """
+
+    a: tuple[str, str]  # colour, shape
+    rel: str | None = None
+    b: tuple[str, str] | None = None
+
+    @property
+    def text(self) -> str:
+        first = with_article(" ".join(self.a))
+        return f"there is {first}" if self.rel is None else f"{first} {self.rel} {with_article(' '.join(self.b))}"
+
+    def holds(self, objects: list[SceneObject]) -> bool:
+        named = lambda name: [obj for obj in objects if (obj.color, obj.shape) == name]  # noqa: E731
+        if self.rel is None:
+            return bool(named(self.a))
+        first, second = named(self.a), named(self.b)
+        return (len(first) == len(second) == 1 and first[0] is not second[0]
+                and relation(first[0], second[0]) == self.rel)
+
+
+def _name(obj: SceneObject) -> tuple[str, str]:
+    return obj.color, obj.shape
+
+
+def sugarcrepe_candidates(objects: list[SceneObject]) -> dict[str, list[tuple[Claim, Claim]]]:
+    """Every (true caption, false caption) pair of each SugarCrepe category for one scene.
+
+    swap_att: the colours of two objects swapped in a relation caption; swap_obj: the two objects of
+    a left/right relation swapped; replace_att / replace_obj: one object's colour / shape replaced
+    by one no object of that shape / colour has.
+    """
+    pairs = [(i, j) for i in range(len(objects)) for j in range(len(objects))
+             if i != j and is_clear(objects[i], objects[j])]
+    found: dict[str, list[tuple[Claim, Claim]]] = {name: [] for name in SUGARCREPE_FILES}
+    for i, j in pairs:
+        a, b = objects[i], objects[j]
+        rel = relation(a, b)
+        true = Claim(_name(a), rel, _name(b))
+        if a.color != b.color and a.shape != b.shape:
+            found["swap_att"].append((true, Claim((b.color, a.shape), rel, (a.color, b.shape))))
+        if rel in (LEFT, RIGHT):
+            found["swap_obj"].append((true, Claim(_name(b), rel, _name(a))))
+    for obj in dict.fromkeys(_name(obj) for obj in objects):  # each colour-shape name once, in scene order
+        color, shape = obj
+        found["replace_att"] += [(Claim(obj), Claim((other, shape))) for other in COLORS if other != color]
+        found["replace_obj"] += [(Claim(obj), Claim((color, other))) for other in SHAPES if other != shape]
+    return {name: [(true, false) for true, false in candidates if true.holds(objects) and not false.holds(objects)]
+            for name, candidates in found.items()}
+
+
+def winoground_pair(source: ImageSpec, twin: ImageSpec) -> tuple[Claim, Claim] | None:
+    """Captions for (source, twin) with the same words in another order, each true of its own image only.
+
+    The twin's two changed objects are the ones captioned: a colour swap swaps their colours in the
+    caption, a position swap swaps the two names around the source's relation.
+    """
+    changed = [k for k, (old, new) in enumerate(zip(source.objects, twin.objects)) if old != new]
+    if len(changed) != 2:
+        return None
+    a, b = (source.objects[k] for k in changed)
+    if not is_clear(a, b):
+        return None
+    rel = relation(a, b)
+    first = Claim(_name(a), rel, _name(b))
+    second = (Claim((b.color, a.shape), rel, (a.color, b.shape)) if twin.variant == "color-swap"
+              else Claim(_name(b), rel, _name(a)))
+    valid = (first.holds(source.objects) and not first.holds(twin.objects)
+             and second.holds(twin.objects) and not second.holds(source.objects))
+    return (first, second) if valid else None
+
+
+def compositional_sets(specs: list[ImageSpec], seed: int) -> tuple[dict[str, dict], list[dict]]:
+    """SugarCrepe files (one true and one false caption per test image and category, where the scene
+    allows one) and Winoground pairs (the test split's twins with their sources).
+
+    Choices come from their own generator, so the rest of the dataset is the same with or without them.
+    """
+    rng = random.Random(f"compositional {seed}")
+    sugarcrepe: dict[str, dict] = {name: {} for name in SUGARCREPE_FILES}
+    test = [spec for spec in specs if spec.split == "test"]
+    for spec in test:
+        for name, candidates in sugarcrepe_candidates(spec.objects).items():
+            if candidates:
+                true, false = rng.choice(candidates)
+                sugarcrepe[name][str(len(sugarcrepe[name]))] = {
+                    "filename": f"{IMAGES_DIR}/{spec.filename}", "caption": true.text, "negative_caption": false.text}
+    winoground = []
+    for twin in (spec for spec in test if spec.twin_of is not None):
+        source = specs[twin.twin_of]
+        pair = winoground_pair(source, twin)
+        if pair:
+            winoground.append({"id": len(winoground), "caption_0": pair[0].text, "caption_1": pair[1].text,
+                               "image_0": f"{IMAGES_DIR}/{source.filename}", "image_1": f"{IMAGES_DIR}/{twin.filename}",
+                               "tag": twin.variant})
+    return sugarcrepe, winoground
+
+
+def _write_compositional(out: Path, specs: list[ImageSpec], seed: int) -> None:
+    sugarcrepe, winoground = compositional_sets(specs, seed)
+    (out / SUGARCREPE_DIR).mkdir(exist_ok=True)
+    for name, items in sugarcrepe.items():
+        write_json(out / SUGARCREPE_DIR / f"{name}.json", items)
+    write_json_lines(out / WINOGROUND_FILE, winoground)

@@ -1,6 +1,6 @@
 """Region features stored next to the index, computed once and kept in step with it.
 
-    INDEX_DIR/regions/<frcnn-mobilenet | frcnn-r50 | clip-patches>/
+    INDEX_DIR/regions/<frcnn-mobilenet | frcnn-r50 | clip-patches | clip-crops>[-boxes]/
       manifest.json          the commit point: extractor identity, K, feature dim, dtype, rows, shard list
       gen-000004/rows.parquet   path, bytes, mtime_ns, width, height, shard, offset: one row per indexed image
       shards/                <key>-000012.features.npy  float16 (n, K, F)
@@ -10,9 +10,10 @@
 
 Shards are immutable and shared by generations, so an update only writes the images it computed
 and a small rows file; <key> is a hash of the extractor identity, so shards of other weights or
-settings are never mixed in. Shards that no manifest names yet are the pending work of an
-interrupted run: a rerun reuses every complete one. After a commit, shards named by neither the new
-nor the previous manifest are deleted (the previous one stays for readers opened on it).
+settings (or of another boxes file: its hash is in the identity) are never mixed in. Shards that no
+manifest names yet are the pending work of an interrupted run: a rerun reuses every complete one.
+After a commit, shards named by neither the new nor the previous manifest are deleted (the previous
+one stays for readers opened on it).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 
 from vqa_search import __version__
 from vqa_search.align.constants import REGIONS_DIR  # light: `info` reads it too
-from vqa_search.align.regions import GEOMETRY, RegionConfig, RegionExtractor, load_extractor
+from vqa_search.align.regions import GEOMETRY, GivenBoxes, RegionConfig, RegionExtractor, load_extractor
 from vqa_search.core.errors import UserError
 from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader, ImageRef
 from vqa_search.core.runner import run
@@ -75,15 +76,19 @@ class RegionReport:
     removed: int  # rows of the previous set whose image left the index
     up_to_date: bool
     seconds: float
+    boxes_unlisted: int | None = None  # with --boxes: indexed images the file does not mention (fill only)
 
     def to_json(self) -> dict:
         return {**asdict(self), "region_dir": str(self.region_dir)}
 
     def summary(self) -> str:
+        unlisted = ("" if self.boxes_unlisted is None else
+                    f"; {self.boxes_unlisted} of them not in the boxes file (whole image and grid only)")
         if self.up_to_date:
-            return f"{self.name} regions at {self.region_dir} are up to date: {self.images} images ({self.seconds:.1f} s)"
+            return (f"{self.name} regions at {self.region_dir} are up to date: {self.images} images{unlisted} "
+                    f"({self.seconds:.1f} s)")
         return (f"{self.name} regions for {self.images} images ({self.computed} computed now, {self.reused} reused, "
-                f"{self.removed} removed) in {self.region_dir} in {self.seconds:.1f} s")
+                f"{self.removed} removed{unlisted}) in {self.region_dir} in {self.seconds:.1f} s")
 
 
 def compute_regions(dataset: Path | str, config: RegionConfig = RegionConfig()) -> RegionReport:
@@ -92,7 +97,7 @@ def compute_regions(dataset: Path | str, config: RegionConfig = RegionConfig()) 
     if config.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     index = Index(IndexDir(_index_path(dataset)))
-    extractor = load_extractor(config, index.clip if config.source == "clip-patches" else None)
+    extractor = load_extractor(config, index.clip if config.source in ("clip-patches", "clip-crops") else None)
     region_dir = RegionDir(index.dir.path / REGIONS_DIR / extractor.name)
     with region_dir.lock():
         report = _Update(index, region_dir, extractor, config).run()
@@ -121,8 +126,10 @@ class _Update:
         previous = self.dir.read_manifest() if self.dir.exists() else None
         previous_rows = pq.read_table(self._rows_file(previous)) if previous else None
         removed = len(set(previous_rows.column("path").to_pylist()) - {s.path for s in wanted}) if previous else 0
+        given = self.extractor.given
+        unlisted = sum(not given.mentions(state.path) for state in wanted) if given is not None else None
         report = RegionReport(self.dir.path, self.extractor.name, len(wanted), len(todo), len(wanted) - len(todo),
-                              removed, up_to_date=False, seconds=0.0)
+                              removed, up_to_date=False, seconds=0.0, boxes_unlisted=unlisted)
         if previous and previous["extractor"] == self.extractor.identity and previous_rows.equals(rows):
             report.up_to_date = True
             return report
@@ -166,6 +173,7 @@ class _Update:
             "source": extractor.source,
             "extractor": extractor.identity,
             "detector_weights": str(extractor.weights) if extractor.source == "detector" else None,
+            "boxes_file": extractor.given.file if extractor.given is not None else None,  # its sha256: extractor
             "num_regions": extractor.num_regions,
             "feature_dim": extractor.feature_dim,
             "geometry": list(GEOMETRY),  # the last 7 feature columns
@@ -189,7 +197,8 @@ class _Regions:
 
     def __call__(self, batch: DecodedBatch) -> list[tuple[np.ndarray, np.ndarray]]:
         sizes = [(item.width, item.height) for item in batch.readable]
-        return list(zip(*self.extractor.extract_pixels(batch.pixels, sizes)))
+        paths = [item.key.path for item in batch.readable]  # the index's relative paths: given boxes' names
+        return list(zip(*self.extractor.extract_pixels(batch.pixels, sizes, paths)))
 
 
 @dataclass
@@ -266,10 +275,14 @@ class RegionSet:
         return out
 
     def extractor(self) -> RegionExtractor:
-        """The same extractor as the stored features, for query images outside the collection."""
+        """The same extractor as the stored features, for query images outside the collection.
+
+        A set made from a boxes file gives a query image the fill only (the whole image and the grid),
+        as it gave an indexed image the file does not mention: no file has boxes for it.
+        """
         identity = self.manifest["extractor"]
         clip = None
-        if self.source == "clip-patches":
+        if self.source in ("clip-patches", "clip-crops"):
             index = Index(IndexDir(self.dir.path.parent.parent))
             if not index.identity.same_weights(ModelIdentity.from_json(identity["model"])):
                 raise UserError(f"the index was rebuilt with {index.identity.describe()} since the {self.name} "
@@ -280,7 +293,10 @@ class RegionSet:
                               detector_weights=Path(weights) if weights else None, regions=identity["regions"],
                               score_threshold=identity.get("score_threshold", RegionConfig.score_threshold),
                               min_size=identity.get("min_size"))
-        extractor = load_extractor(config, clip)
+        given = None
+        if "boxes_sha256" in identity:
+            given = GivenBoxes(self.manifest.get("boxes_file") or "", identity["boxes_sha256"])
+        extractor = load_extractor(config, clip, given)
         if extractor.identity != identity:
             raise UserError(f"the detector weights {weights} changed since the {self.name} regions were computed: "
                             "run `vqa-search regions DATASET` again")

@@ -1,6 +1,6 @@
 """Stage 0: turn an image into exactly K region features and their boxes, for the stage-2 re-ranker.
 
-Two sources:
+Three sources:
 
 - `detector`: torchvision's Faster R-CNN with COCO weights. The regions are its best detections
   (after NMS, above a score threshold), filled up with the whole image and then a fixed grid of boxes
@@ -9,12 +9,25 @@ Two sources:
 - `clip-patches`: the cheaper ablation. The index's own CLIP ViT, one forward per image; every patch
   token after `ln_post`, projected to the joint space, is a region (plus the geometry of its patch).
   K is the number of patches (49 for ViT-B-32); asking for another K is an error.
+- `clip-crops`: every box cropped from the original image and embedded by the index's CLIP image
+  tower (L2-normalised), plus its geometry: regions in the same joint space as the caption tokens.
+  Its boxes are the given ones (`--boxes`) filled up like detections; without a boxes file, the
+  fill alone (the whole image and the grid). It never runs a detector.
+
+Given boxes (`--boxes FILE`, COCO format: `images` with id/file_name/width/height, `annotations` with
+image_id/bbox [x, y, w, h] in pixels) replace the detections of `detector` and `clip-crops`: an image
+gets its boxes first, in the file's annotation order (at most K), then the same fill. An image the
+file does not mention, and any query image outside the collection, gets the fill only. The file's
+SHA-256 is part of the extractor identity, so a changed file recomputes the set.
 
 Boxes are in the original image's pixels. Storage lives in `region_store.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,13 +46,14 @@ from torchvision.transforms import CenterCrop, Resize
 from torchvision.transforms.functional import to_tensor
 
 from vqa_search.align.constants import DEFAULT_REGIONS  # light: the CLI reads it too
-from vqa_search.core.encode import autocast
+from vqa_search.core.encode import autocast, encode_image_batch
 from vqa_search.core.errors import UserError
 from vqa_search.core.threads import default_workers
 from vqa_search.core.models import Clip, default_device, host_reachable, read_state_dict
+from vqa_search.core.files import open_regular
 from vqa_search.core.identity import sha256_file
 
-SOURCES = ("detector", "clip-patches")
+SOURCES = ("detector", "clip-patches", "clip-crops")
 DETECTORS = {
     "frcnn-mobilenet": (detection.fasterrcnn_mobilenet_v3_large_fpn,
                         detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1),
@@ -51,7 +65,7 @@ GEOMETRY = ("x1", "y1", "x2", "y2", "w", "h", "area")  # each divided by the ima
 
 @dataclass
 class RegionConfig:
-    source: str = "detector"  # detector | clip-patches
+    source: str = "detector"  # detector | clip-patches | clip-crops
     detector: str | None = None  # frcnn-r50 | frcnn-mobilenet; None: R50 on CUDA, MobileNet on CPU
     detector_weights: Path | None = None  # a state dict file; None: torchvision's cache, downloaded when online
     regions: int | None = None  # K; None: 36 for a detector, one per patch for clip-patches
@@ -61,6 +75,84 @@ class RegionConfig:
     workers: int = field(default_factory=default_workers)
     rows_per_shard: int = 256  # shards are also flushed every 30 s, so a crash loses at most that much
     progress: bool = True
+    boxes: Path | None = None  # a COCO-format boxes file: given boxes instead of detections
+
+
+@dataclass
+class GivenBoxes:
+    """A boxes file read and checked once: x1, y1, x2, y2 per image, in the file's annotation order."""
+
+    file: str
+    sha256: str  # of the file's bytes: part of the extractor identity
+    by_path: dict[str, np.ndarray] = field(default_factory=dict)  # file_name -> float32 (n, 4)
+    sizes: dict[str, tuple[float, float]] = field(default_factory=dict)  # file_name -> the file's width, height
+
+    def mentions(self, path: str) -> bool:
+        return path in self.by_path
+
+    def for_image(self, path: str | None, width: int, height: int) -> np.ndarray:
+        """The image's boxes in its decoded pixels (scaled if the file gives another size), clamped to it."""
+        boxes = self.by_path.get(path) if path is not None else None
+        if boxes is None or not len(boxes):
+            return np.zeros((0, 4), dtype=np.float32)
+        file_w, file_h = self.sizes.get(path) or (width, height)
+        boxes = boxes * np.array([width / file_w, height / file_h] * 2, dtype=np.float32)
+        return np.clip(boxes, 0, [width, height, width, height]).astype(np.float32)
+
+
+def read_boxes(path: Path | str) -> GivenBoxes:
+    """A COCO-format boxes file -> GivenBoxes; anything malformed is a one-line UserError naming the file."""
+    path = Path(path).expanduser()
+    try:
+        with open_regular(path) as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise UserError(f"boxes file not found: {path}") from None
+    except OSError as error:
+        raise UserError(f"cannot read the boxes file {path}: {error.strerror or error}") from None
+    try:
+        coco = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"boxes file {path} is not JSON: {str(error).splitlines()[0]}") from None
+
+    def bad(what: str) -> UserError:
+        return UserError(f"boxes file {path}: {what} (expected COCO format: images with id and file_name, "
+                         "annotations with image_id and bbox [x, y, w, h])")
+
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) \
+            or not isinstance(coco.get("annotations", []), list):
+        raise bad("no `images` list")
+    names, sizes = {}, {}
+    for number, image in enumerate(coco["images"]):
+        if not isinstance(image, dict) or isinstance(image.get("id"), bool) \
+                or not isinstance(image.get("id"), (int, str)) or not isinstance(image.get("file_name"), str):
+            raise bad(f"images[{number}] needs an id and a file_name")
+        names[image["id"]] = image["file_name"]
+        width, height = image.get("width"), image.get("height")
+        if width is not None or height is not None:
+            if not (_is_number(width) and _is_number(height) and width > 0 and height > 0):
+                raise bad(f"images[{number}] has a width or height that is not a positive number")
+            sizes[image["file_name"]] = (float(width), float(height))
+    by_path: dict[str, list] = {name: [] for name in names.values()}
+    for number, annotation in enumerate(coco.get("annotations", [])):
+        if not isinstance(annotation, dict):
+            raise bad(f"annotations[{number}] is not an object")
+        image_id, bbox = annotation.get("image_id"), annotation.get("bbox")
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) or image_id not in names:
+            raise bad(f"annotations[{number}] has image_id {image_id!r}, which no image has")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise bad(f"annotations[{number}] has bbox {json.dumps(bbox)[:60]}, not 4 numbers")
+        x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            raise bad(f"annotations[{number}] has bbox {bbox} with a width or height that is not positive")
+        by_path[names[image_id]].append((x, y, x + w, y + h))
+    return GivenBoxes(str(path.resolve()), hashlib.sha256(data).hexdigest(),
+                      {name: np.array(boxes, dtype=np.float32).reshape(-1, 4) for name, boxes in by_path.items()},
+                      sizes)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class RegionExtractor:
@@ -76,26 +168,47 @@ class RegionExtractor:
     identity: dict
     preprocess: Callable  # PIL image -> tensor, run in decoding workers
     stack: bool  # whether preprocessed images share one size and can be batched
+    given: GivenBoxes | None = None  # boxes from a file, looked up by the image's path
 
     def extract(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """Regions of RGB images, e.g. a query image that is not in the collection."""
+        """Regions of RGB images, e.g. a query image that is not in the collection (no given boxes: the fill)."""
         pixels = [self.preprocess(image) for image in images]
         return self.extract_pixels(torch.stack(pixels) if self.stack else pixels, [image.size for image in images])
 
-    def extract_pixels(self, pixels, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed images and their original (width, height)."""
+    def extract_pixels(self, pixels, sizes: list[tuple[int, int]],
+                       paths: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images, their original (width, height) and, for given boxes, their indexed paths."""
         raise NotImplementedError
 
+    def _given_identity(self) -> dict:
+        return {"boxes_sha256": self.given.sha256} if self.given is not None else {}
 
-def load_extractor(config: RegionConfig, clip: Clip | None = None) -> RegionExtractor:
-    """The extractor `config` asks for; `clip` is the index's model, needed by clip-patches only."""
+    def _boxes(self, path: str | None, width: int, height: int) -> torch.Tensor:
+        """Given boxes first (file order, at most K), then the fill: exactly K."""
+        if self.given is None:
+            return fill_boxes(width, height, self.num_regions)
+        given = torch.from_numpy(self.given.for_image(path, width, height)[: self.num_regions])
+        return torch.cat([given, fill_boxes(width, height, self.num_regions - len(given))])
+
+
+def load_extractor(config: RegionConfig, clip: Clip | None = None, given: GivenBoxes | None = None) -> RegionExtractor:
+    """The extractor `config` asks for; `clip` is the index's model, needed by clip-patches and clip-crops.
+
+    `given` overrides `config.boxes` (a query-time extractor has the file's hash but no boxes to give).
+    """
     if config.source not in SOURCES:
         raise UserError(f"unknown region source {config.source!r}; choose one of {', '.join(SOURCES)}")
     if config.regions is not None and config.regions < 1:
         raise UserError("--regions must be at least 1")
+    if given is None and config.boxes is not None:
+        if config.source == "clip-patches":
+            raise UserError("--boxes needs --source detector or clip-crops: clip-patches regions are the ViT's patches")
+        given = read_boxes(config.boxes)
     if config.source == "clip-patches":
         return PatchRegions(clip, config.regions)
-    return DetectorRegions(config)
+    if config.source == "clip-crops":
+        return CropRegions(clip, config.regions, given)
+    return DetectorRegions(config, given=given)
 
 
 class DetectorRegions(RegionExtractor):
@@ -105,25 +218,28 @@ class DetectorRegions(RegionExtractor):
     stack = False  # the detector resizes each image itself, keeping its aspect ratio
     preprocess = staticmethod(to_tensor)
 
-    def __init__(self, config: RegionConfig, device: torch.device | None = None):
+    def __init__(self, config: RegionConfig, device: torch.device | None = None, given: GivenBoxes | None = None):
         self.device = device or default_device()
-        self.name = config.detector or ("frcnn-r50" if self.device.type == "cuda" else "frcnn-mobilenet")
-        if self.name not in DETECTORS:
-            raise UserError(f"unknown detector {self.name!r}; choose one of {', '.join(DETECTORS)}")
-        self.weights = detector_weights(self.name, config.detector_weights)
+        self.detector = config.detector or ("frcnn-r50" if self.device.type == "cuda" else "frcnn-mobilenet")
+        if self.detector not in DETECTORS:
+            raise UserError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
+        self.given = given
+        self.name = self.detector + ("-boxes" if given is not None else "")  # given boxes: a set of its own
+        self.weights = detector_weights(self.detector, config.detector_weights)
         self.num_regions = config.regions or DEFAULT_REGIONS
         self.feature_dim = BOX_FEATURES + len(GEOMETRY)
         self.score_threshold = config.score_threshold
         self.min_size = config.min_size
-        self.identity = {"source": self.source, "detector": self.name, "weights_sha256": sha256_file(self.weights),
-                         "regions": self.num_regions, "score_threshold": self.score_threshold,
-                         "min_size": self.min_size}
+        self.identity = {"source": self.source, "detector": self.detector,
+                         "weights_sha256": sha256_file(self.weights), "regions": self.num_regions,
+                         "score_threshold": self.score_threshold, "min_size": self.min_size,
+                         **self._given_identity()}
 
     @cached_property
     def model(self) -> detection.FasterRCNN:
-        build = DETECTORS[self.name][0]
+        build = DETECTORS[self.detector][0]
         model = build(weights=None, weights_backbone=None)
-        _load_detector_weights(model, self.weights, self.name)
+        _load_detector_weights(model, self.weights, self.detector)
         if self.min_size:
             transform = model.transform
             transform.max_size = round(transform.max_size * self.min_size / transform.min_size[0])
@@ -132,27 +248,32 @@ class DetectorRegions(RegionExtractor):
         model.roi_heads.detections_per_img = max(model.roi_heads.detections_per_img, self.num_regions)
         return model.to(self.device).eval()
 
-    def extract_pixels(self, pixels: list[torch.Tensor], sizes) -> tuple[np.ndarray, np.ndarray]:
-        regions = [self._regions(image) for image in pixels]
+    def extract_pixels(self, pixels: list[torch.Tensor], sizes, paths=None) -> tuple[np.ndarray, np.ndarray]:
+        paths = paths or [None] * len(pixels)
+        regions = [self._regions(image, path) for image, path in zip(pixels, paths)]
         return (np.stack([features for features, _ in regions]), np.stack([boxes for _, boxes in regions]))
 
     @torch.inference_mode()
-    def _regions(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _regions(self, image: torch.Tensor, path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One image per forward: batching pads images to a common size, which changes the features
-        near the borders, so a query image extracted alone would not match the stored ones."""
+        near the borders, so a query image extracted alone would not match the stored ones.
+        With given boxes the detections are not used (an image without boxes gets the fill only)."""
         model = self.model
         height, width = image.shape[-2:]
         images, _ = model.transform([image.to(self.device)])
         resized = images.image_sizes[0]
         with autocast(self.device):
             feature_maps = model.backbone(images.tensors)
-            proposals, _ = model.rpn(images, feature_maps)
-            detections = model.roi_heads(feature_maps, proposals, images.image_sizes)[0][0]
-            # The model's NMS is per class, so one object can come back once per plausible class.
-            boxes, scores = detections["boxes"].float(), detections["scores"].float()
-            keep = nms(boxes, scores, model.roi_heads.nms_thresh)[: self.num_regions]
-            boxes = resize_boxes(boxes[keep], resized, (height, width))
-            boxes = torch.cat([boxes, fill_boxes(width, height, self.num_regions - len(boxes)).to(boxes)])
+            if self.given is not None:
+                boxes = self._boxes(path, width, height).to(self.device)
+            else:
+                proposals, _ = model.rpn(images, feature_maps)
+                detections = model.roi_heads(feature_maps, proposals, images.image_sizes)[0][0]
+                # The model's NMS is per class, so one object can come back once per plausible class.
+                boxes, scores = detections["boxes"].float(), detections["scores"].float()
+                keep = nms(boxes, scores, model.roi_heads.nms_thresh)[: self.num_regions]
+                boxes = resize_boxes(boxes[keep], resized, (height, width))
+                boxes = torch.cat([boxes, fill_boxes(width, height, self.num_regions - len(boxes)).to(boxes)])
             pooled = model.roi_heads.box_roi_pool(
                 feature_maps, [resize_boxes(boxes, (height, width), resized)], images.image_sizes
             )
@@ -189,7 +310,7 @@ class PatchRegions(RegionExtractor):
         self.identity = {"source": self.source, "model": clip.identity.to_json(), "regions": self.num_regions}
 
     @torch.inference_mode()
-    def extract_pixels(self, pixels: torch.Tensor, sizes) -> tuple[np.ndarray, np.ndarray]:
+    def extract_pixels(self, pixels: torch.Tensor, sizes, paths=None) -> tuple[np.ndarray, np.ndarray]:
         visual = self.clip.model.visual
         with autocast(self.clip.device):
             # The last block's patch tokens after ln_post, as the pooled vector sees them; the caller's
@@ -215,6 +336,63 @@ class PatchRegions(RegionExtractor):
         x1, y1 = left + cols.flatten() * cell_w, top + rows.flatten() * cell_h
         boxes = torch.stack([x1, y1, x1 + cell_w, y1 + cell_h], dim=1).float()
         return boxes * torch.tensor([width / resized_w, height / resized_h] * 2)
+
+
+class CropRegions(RegionExtractor):
+    """Each box cropped from the original pixels and embedded by the index's CLIP image tower.
+
+    Boxes are the given ones filled up with the whole image and the grid, or the fill alone without a
+    boxes file: no detector. A crop is the box rounded to whole pixels (as PIL's `crop` rounds), at
+    least one pixel wide and high; the feature is its L2-normalised CLIP embedding plus the geometry
+    of the (unrounded) box.
+    """
+
+    source = "clip-crops"
+    stack = False  # crops are cut from each image at its own size
+
+    def __init__(self, clip: Clip | None, regions: int | None = None, given: GivenBoxes | None = None):
+        if clip is None:
+            raise UserError("--source clip-crops needs the index's CLIP model")
+        self.clip = clip
+        self.given = given
+        self.name = self.source + ("-boxes" if given is not None else "")
+        self.num_regions = regions or DEFAULT_REGIONS
+        self.preprocess = rgb_array
+        self.embed_dim = getattr(clip.model.visual, "output_dim", None) or _probe_dim(clip)
+        self.feature_dim = self.embed_dim + len(GEOMETRY)
+        self.identity = {"source": self.source, "model": clip.identity.to_json(), "regions": self.num_regions,
+                         **self._given_identity()}
+
+    @torch.inference_mode()
+    def extract_pixels(self, pixels: list[torch.Tensor], sizes, paths=None) -> tuple[np.ndarray, np.ndarray]:
+        paths = paths or [None] * len(pixels)
+        all_features, all_boxes = [], []
+        for array, (width, height), path in zip(pixels, sizes, paths):
+            image = Image.fromarray(array.numpy())
+            boxes = self._boxes(path, width, height)
+            crops = torch.stack([self.clip.preprocess(image.crop(crop_box(box, width, height))) for box in boxes])
+            embeddings = torch.from_numpy(encode_image_batch(self.clip, crops))
+            all_features.append(torch.cat([embeddings, geometry(boxes, width, height)], dim=1))
+            all_boxes.append(boxes)
+        return torch.stack(all_features).numpy(), torch.stack(all_boxes).numpy()
+
+
+@torch.inference_mode()
+def _probe_dim(clip: Clip) -> int:
+    """The image embedding width of a tower that does not say it."""
+    return int(encode_image_batch(clip, clip.preprocess(Image.new("RGB", (8, 8)))[None]).shape[1])
+
+
+def rgb_array(image: Image.Image) -> torch.Tensor:
+    """The decoded pixels unchanged, uint8 (H, W, 3): crops are cut from them exactly as from the image."""
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+
+
+def crop_box(box: torch.Tensor, width: int, height: int) -> tuple[int, int, int, int]:
+    """A pixel box rounded to whole pixels inside the image, at least 1 x 1."""
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    x1, y1 = min(max(x1, 0), width - 1), min(max(y1, 0), height - 1)
+    return x1, y1, min(max(x2, x1 + 1), width), min(max(y2, y1 + 1), height)
 
 
 def fill_boxes(width: int, height: int, count: int) -> torch.Tensor:

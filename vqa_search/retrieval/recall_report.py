@@ -13,6 +13,7 @@ from pathlib import Path
 from vqa_search.core.atomic import atomic_path, write_text
 from vqa_search.core.errors import UserError
 from vqa_search.core.plots import pyplot
+from vqa_search.retrieval.compositional import REQUIRED_KEYS as COMPOSITIONAL_KEYS, is_compositional
 
 DIRECTIONS = {"t2i": "text→image", "i2t": "image→text"}
 CURVE_TICKS = (1, 2, 5, 10, 20, 50)
@@ -36,7 +37,10 @@ def read_runs(results: Path) -> list[dict]:
             run = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{results}, line {number}: not JSON ({error.msg})") from None
-        if not isinstance(run, dict) or any(key not in run for key in REQUIRED_KEYS):
+        if isinstance(run, dict) and is_compositional(run):  # `bench compositional --append`: its own table
+            if any(key not in run for key in COMPOSITIONAL_KEYS):
+                raise UserError(f"{results}, line {number}: not a `bench compositional` result")
+        elif not isinstance(run, dict) or any(key not in run for key in REQUIRED_KEYS):
             raise UserError(f"{results}, line {number}: not a `bench recall` result")
         runs.append(run)
     if not runs:
