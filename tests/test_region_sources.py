@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_regions import SMALL, _assert_geometry, _image, _naive_box_features, detector_file, indexed  # noqa: F401  # noqa: F401 (fixtures)
+from test_regions import SMALL, _assert_geometry, _image, _naive_box_features, detector_file, indexed  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 from vqa_search.align.region_store import RegionSet, compute_regions
