@@ -589,6 +589,7 @@ Examples:
   vqa-search train finetune ./flickr8k --out ft.safetensors --unfreeze-last 2
   vqa-search train rerank ./flickr8k --pretrained ft.safetensors --lambda auto
   vqa-search train vqa ./shapes --out head.safetensors --variant baseline --model vqa-tiny --pretrained none
+  vqa-search train detector ./shapes --boxes ./shapes/boxes.json --out det.safetensors
 """, no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 
@@ -755,6 +756,52 @@ def train_vqa(
         patience=patience, seed=seed, images=images, workers=workers,
     )
     result = train(data, out, config, progress=not quiet)
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        typer.echo(result.summary(), err=True)
+
+
+@train_app.command("detector")
+@_user_errors
+@_model_threads
+def train_detector_command(
+    dataset: Path = typer.Argument(..., help="Dataset folder: its images and train/val splits (else 1 in 10 held out)."),
+    boxes: Path = typer.Option(..., help="COCO-format boxes file (the shapes world's boxes.json, instances_*.json)."),
+    out: Path = typer.Option(..., help="Detector file to write (.safetensors), for `regions --detector-weights`; "
+                                       "the history JSON and curve PNG go beside it."),
+    detector: str = typer.Option("frcnn-mobilenet", help="frcnn-mobilenet | frcnn-r50"),
+    pretrained: str = typer.Option("none", help="none (from scratch) | coco (torchvision's COCO weights, cached)."),
+    epochs: int = typer.Option(10, help="Most epochs to train."),
+    batch_size: int = typer.Option(8, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine decay)."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
+    min_size: Optional[int] = typer.Option(None, help="Input shorter side in pixels. Default: from the data "
+                                                      "(the median image's, 160..512)."),
+    attributes: bool = typer.Option(True, "--attributes/--no-attributes",
+                                    help="An attribute head on the box features when the file has attributes."),
+    patience: int = typer.Option(3, help="Stop after this many epochs without a better val AP."),
+    seed: int = typer.Option(42, help="Same seed, same run."),
+    workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines; the result line stays."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a Faster R-CNN on COCO-format boxes, keeping the epoch with the best val COCO AP.
+
+    \b
+    Examples:
+      vqa-search train detector ./shapes --boxes ./shapes/boxes.json --out shapes-det.safetensors --epochs 8
+      vqa-search regions ./shapes --detector-weights shapes-det.safetensors
+      vqa-search train detector ./mycoco --boxes instances_train.json --out det.safetensors --pretrained coco
+    """
+    from vqa_search.align.train_detector import DetectorTrainConfig, train_detector
+
+    _setup_logging(quiet)
+    config = DetectorTrainConfig(preset=detector, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 weight_decay=weight_decay, patience=patience, min_size=min_size,
+                                 attributes=attributes, seed=seed, workers=workers)
+    result = train_detector(dataset, boxes, out, config, progress=not quiet)
     if as_json:
         _print_json(result.to_json())
     else:

@@ -46,6 +46,7 @@ from torchvision.transforms import CenterCrop, Resize
 from torchvision.transforms.functional import to_tensor
 
 from vqa_search.align.constants import DEFAULT_REGIONS  # light: the CLI reads it too
+from vqa_search.align.detector import is_detector_file, load_detector, read_detector_spec
 from vqa_search.core.encode import autocast, encode_image_batch
 from vqa_search.core.errors import UserError
 from vqa_search.core.threads import default_workers
@@ -224,8 +225,17 @@ class DetectorRegions(RegionExtractor):
         if self.detector not in DETECTORS:
             raise UserError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
         self.given = given
-        self.name = self.detector + ("-boxes" if given is not None else "")  # given boxes: a set of its own
         self.weights = detector_weights(self.detector, config.detector_weights)
+        # A detector trained here (`train detector`) says what it is: the network is rebuilt from its file.
+        self.trained = read_detector_spec(self.weights) if is_detector_file(self.weights) else None
+        if self.trained is not None:
+            if config.detector not in (None, self.trained.preset):
+                raise UserError(f"{self.weights} is a trained {self.trained.preset} detector, not {config.detector}: "
+                                "leave out --detector")
+            self.detector = self.trained.preset
+        # given boxes and trained detectors: sets of their own
+        self.name = (self.detector + ("-trained" if self.trained is not None else "")
+                     + ("-boxes" if given is not None else ""))
         self.num_regions = config.regions or DEFAULT_REGIONS
         self.feature_dim = BOX_FEATURES + len(GEOMETRY)
         self.score_threshold = config.score_threshold
@@ -237,9 +247,12 @@ class DetectorRegions(RegionExtractor):
 
     @cached_property
     def model(self) -> detection.FasterRCNN:
-        build = DETECTORS[self.detector][0]
-        model = build(weights=None, weights_backbone=None)
-        _load_detector_weights(model, self.weights, self.detector)
+        if self.trained is not None:
+            model, _ = load_detector(self.weights)
+        else:
+            build = DETECTORS[self.detector][0]
+            model = build(weights=None, weights_backbone=None)
+            _load_detector_weights(model, self.weights, self.detector)
         if self.min_size:
             transform = model.transform
             transform.max_size = round(transform.max_size * self.min_size / transform.min_size[0])
