@@ -20,7 +20,7 @@ from vqa_search.align.compositional import CompositionalConfig, run_compositiona
 from vqa_search.align.region_store import RegionSet, compute_regions
 from vqa_search.align.regions import RegionConfig
 from vqa_search.align.rerank import caption_tokens
-from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, save_reranker
+from vqa_search.align.reranker import save_reranker
 from vqa_search.cli import app
 from vqa_search.core.encode import encode_images, encode_texts
 from vqa_search.core.errors import UserError
@@ -34,6 +34,7 @@ from vqa_search.retrieval.searcher import Index
 from vqa_search.shapes import SUGARCREPE_FILES, ShapesConfig, make_shapes, plan_images
 
 from conftest import COLOURS, tiny_config, write_photo
+from test_rerank import trained_like
 from test_shapes import caption_is_true, karpathy, scenes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,17 +49,6 @@ def world(tmp_path_factory):
     build_index(root, BuildConfig(**tiny_config()))
     compute_regions(root, RegionConfig(source="clip-patches", workers=0, progress=False))
     return root
-
-
-def random_reranker(index: Index, regions: RegionSet, seed: int = 0) -> CrossAttentionReranker:
-    torch.manual_seed(seed)
-    model = CrossAttentionReranker(RerankerConfig(
-        token_dim=index.embeddings().shape[1], region_dim=regions.feature_dim, attention_dim=16,
-        lam=0.8, regions=regions.name, clip=index.identity.to_json()))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.3)
-    return model.eval()
 
 
 def sugarcrepe_items(world) -> list[tuple[str, dict]]:
@@ -258,7 +248,7 @@ def naive_reranked(model, clip, caption: str, image_path, regions: np.ndarray) -
 
 def test_reranked_scores_equal_a_naive_per_pair_loop(world, tmp_path):
     index, regions = Index.open(world), RegionSet.open(world)
-    model = random_reranker(index, regions)
+    model = trained_like(index, regions)
     path = save_reranker(model, tmp_path / "reranker.safetensors")
     clip = index.clip
 
