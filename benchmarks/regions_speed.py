@@ -6,7 +6,8 @@ Speed does not depend on the weights, so the detectors and ViT-B-32 are randomly
 detectors are saved to a file and loaded like user weights). Images are Flickr8k photos from
 ../shared/flickr8k-sample (or the folder $VQA_SEARCH_FLICKR8K_SAMPLE names), decoded beforehand;
 each figure is the median of several runs over the same images, after one warm-up image. The
-detectors run at their own input size (800 px short side).
+detectors run at their own input size (800 px short side), with their own 1000 RPN proposals per
+image and with `--proposals 100`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.models import detection
 
 from vqa_search.align.regions import DETECTORS, RegionConfig, load_extractor
 from vqa_search.core.atomic import write_json
@@ -28,6 +28,7 @@ from vqa_search.core.images import load_rgb
 from vqa_search.core.models import load_clip
 from vqa_search.core.identity import resolve_identity
 
+PROPOSALS = 100
 SAMPLE = Path(os.environ.get("VQA_SEARCH_FLICKR8K_SAMPLE") or
               Path(__file__).resolve().parents[2] / "shared" / "flickr8k-sample").expanduser() / "Images"
 
@@ -57,8 +58,10 @@ def main() -> None:
         for name, (build, _) in DETECTORS.items():
             weights = Path(workdir) / f"{name}.pth"
             torch.save(build(weights=None, weights_backbone=None).state_dict(), weights)
-            extractor = load_extractor(RegionConfig(detector=name, detector_weights=weights))
-            rows.append({"source": f"detector {name}", "seconds_per_image": seconds_per_image(extractor, images, args.runs)})
+            for proposals in (None, PROPOSALS):  # the detector's own 1000, then `regions --proposals 100`
+                extractor = load_extractor(RegionConfig(detector=name, detector_weights=weights, proposals=proposals))
+                rows.append({"source": f"detector {name}" + (f", {proposals} proposals" if proposals else ""),
+                             "seconds_per_image": seconds_per_image(extractor, images, args.runs)})
         clip = load_clip(resolve_identity("ViT-B-32", "none"))
         extractor = load_extractor(RegionConfig(source="clip-patches"), clip)
         rows.append({"source": "clip-patches ViT-B-32", "seconds_per_image": seconds_per_image(extractor, images, args.runs)})
@@ -66,9 +69,9 @@ def main() -> None:
               "load_average_1min": os.getloadavg()[0], "results": rows}
     print(f"{len(images)} Flickr8k photos, median of {args.runs} runs, {result['torch_threads']} torch threads, "
           f"load average {result['load_average_1min']:.1f}")
-    print(f"{'source':<28} {'s / image':>10}")
+    print(f"{'source':<44} {'s / image':>10}")
     for row in rows:
-        print(f"{row['source']:<28} {row['seconds_per_image']:>10.3f}")
+        print(f"{row['source']:<44} {row['seconds_per_image']:>10.3f}")
     if args.json:
         write_json(args.json, result)
 

@@ -235,7 +235,8 @@ HEAD_FILES = [
     pytest.param(set_text("vocab", "[1, 2, 3]"), '"vocab" must be a JSON list of answer strings',
                  id="vocab-of-numbers"),
     pytest.param(in_json("head", lambda c: c.update(variant="triple")),
-                 '"variant" must be a string naming one of baseline, dual-concat, dual-attention (got \'triple\')',
+                 '"variant" must be a string naming one of baseline, dual-concat, dual-attention, regions '
+                 '(got \'triple\')',
                  id="unknown-variant"),
     pytest.param(set_text("loss", "mse"), '"loss" must be one of bce, ce', id="loss-mse"),
     pytest.param(in_json("head", lambda c: c.update(hidden=HEAD_HIDDEN + 1)),

@@ -116,6 +116,20 @@ def test_detections_come_first_without_duplicates(detector_file):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_proposals_bound_what_the_rpn_hands_the_box_head(detector_file):
+    image = to_tensor(_image(70, 64, seed=2))
+    for proposals in (None, 12):
+        model = _detector(detector_file, regions=6, score_threshold=0.0, proposals=proposals).model
+        with torch.inference_mode():
+            images, _ = model.transform([image])
+            found = model.rpn(images, model.backbone(images.tensors))[0][0]
+        assert len(found) <= (proposals or 1000) and (proposals is None or len(found) == proposals)
+    with pytest.raises(UserError, match="--proposals must be at least --regions"):
+        _detector(detector_file, regions=6, proposals=5)
+    with pytest.raises(UserError, match="--proposals is for --source detector"):
+        load_extractor(RegionConfig(source="clip-crops", proposals=50))
+
+
 def test_clip_patches_equal_a_naive_vit_forward_and_tile_the_crop():
     clip = load_clip(resolve_identity("vqa-tiny", "none"))
     extractor = PatchRegions(clip)
@@ -231,12 +245,15 @@ def test_a_region_set_is_a_generation_directory_without_the_index_parts(tmp_path
 
 def test_detector_set_stores_weights_identity_and_reopens_its_extractor(indexed, detector_file):
     config = RegionConfig(detector="frcnn-mobilenet", detector_weights=detector_file, min_size=SMALL, regions=4,
-                          workers=0, progress=False)
+                          proposals=20, workers=0, progress=False)
     assert compute_regions(indexed, config).computed == 6
     regions = RegionSet.open(indexed, "frcnn-mobilenet")
     assert regions.manifest["extractor"]["weights_sha256"] and regions.feature_dim == 1031
+    assert regions.manifest["extractor"]["proposals"] == 20
     image = Image.open(indexed / "Images" / "photo_3.png").convert("RGB")
-    features, _ = regions.extractor().extract([image])
+    extractor = regions.extractor()
+    assert extractor.proposals == 20
+    features, _ = extractor.extract([image])
     stored = regions.features([regions.row_of("photo_3.png")])
     np.testing.assert_allclose(stored, features, rtol=2e-3, atol=2e-3)
 

@@ -242,7 +242,7 @@ def query(
 def ask(
     image: Path = typer.Argument(..., help="The picture the question is about."),
     question: str = typer.Argument(..., help="e.g. \"what color is the dog's collar?\""),
-    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for caption evidence. Default: found from here upwards (optional with --head)."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for caption evidence and a regions head's region set. Default: found from here upwards (optional with --head); a regions head reads the index it was trained on."),
     head: Optional[Path] = typer.Option(None, help="Answer head from `train vqa` (.safetensors)."),
     top: int = typer.Option(DEFAULT_TOP_ANSWERS, help="How many of the head's answers to show."),
     as_json: bool = typer.Option(False, "--json", help="Print both answers, with scores, as JSON."),
@@ -356,6 +356,9 @@ def regions(
     detector_weights: Optional[Path] = typer.Option(None, help="Detector state dict (.pth or .safetensors). Default: torchvision's cache."),
     num_regions: Optional[int] = typer.Option(
         None, "--regions", help=f"Regions per image (default {DEFAULT_REGIONS}; clip-patches: one per patch)."),
+    proposals: Optional[int] = typer.Option(
+        None, help="Detector: RPN proposals kept per image (default the detector's own, 1000). Fewer is faster "
+        "on a CPU; keep it well above --regions."),
     batch_size: int = typer.Option(8, help="Images per batch."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -369,13 +372,14 @@ def regions(
       vqa-search regions ./flickr8k --detector frcnn-mobilenet
       vqa-search regions ./shapes --source clip-patches
       vqa-search regions ./shapes --boxes ./shapes/boxes.json --source clip-crops
+      vqa-search regions ./shapes --detector-weights shapes-det.safetensors --proposals 100
     """
     from vqa_search.align.region_store import compute_regions
     from vqa_search.align.regions import RegionConfig
 
     _setup_logging(quiet)
     config = RegionConfig(
-        source=source, detector=detector, detector_weights=detector_weights, regions=num_regions,
+        source=source, detector=detector, detector_weights=detector_weights, regions=num_regions, proposals=proposals,
         batch_size=batch_size, workers=workers, progress=not quiet, boxes=boxes,
     )
     report = compute_regions(dataset, config)
@@ -500,7 +504,7 @@ def bench_vqa(
     head: Optional[Path] = typer.Option(None, help="Answer head from `train vqa` (modes head and both)."),
     split: str = typer.Option("val", help="train | val | test"),
     mode: str = typer.Option("head", help="head | captions | both (captions: answers read from the index's captions)."),
-    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for captions mode. Default: DATA/.vqa-search"),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Index for captions mode (default: DATA/.vqa-search) and a regions head's region set (default: the head's own index)."),
     images: Optional[Path] = typer.Option(None, help="Images folder, when image paths are not relative to DATA."),
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
@@ -716,12 +720,15 @@ def rerank(
 def train_vqa(
     data: Path = typer.Argument(..., help="VQA data with train and val splits: vqa.jsonl (file or folder) or a VQA v2 folder."),
     out: Path = typer.Option(..., help="Head file to write (.safetensors); the history JSON and curve PNG go beside it."),
-    variant: str = typer.Option("dual-attention", help="baseline | dual-concat | dual-attention"),
+    variant: str = typer.Option("dual-attention", help="baseline | dual-concat | dual-attention | regions (attention over a region set)."),
     model: str = typer.Option(DEFAULT_MODEL, help="CLIP for the global image and question embeddings."),
     pretrained: str = typer.Option(DEFAULT_PRETRAINED, help="Its weights: tag, stage-1 checkpoint, or 'none'."),
-    local_model: str = typer.Option(DEFAULT_LOCAL_MODEL, help="Dual variants: the second, local-detail image encoder (a ViT)."),
-    local_pretrained: str = typer.Option(DEFAULT_LOCAL_PRETRAINED, help="Its weights: tag, checkpoint file, or 'none'."),
+    local_model: str = typer.Option(DEFAULT_LOCAL_MODEL, help="Dual variants: the second, local-detail image encoder (a ViT): an open_clip name, or hf:NAME_OR_PATH for a Hugging Face ViT (hub id or save_pretrained folder)."),
+    local_pretrained: str = typer.Option(DEFAULT_LOCAL_PRETRAINED, help="Its weights: tag, checkpoint file, or 'none' (an hf: model brings its own)."),
     unfreeze_last: int = typer.Option(0, help="Train the local encoder's last N blocks too; 0: frozen."),
+    region_set: Optional[str] = typer.Option(
+        None, "--region-set", help="Variant regions: the index's region set (from `vqa-search regions`). Default: the only one."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Variant regions: the index holding the region set. Default: DATA/.vqa-search"),
     epochs: int = typer.Option(20, help="Most epochs to train."),
     batch_size: int = typer.Option(256, help="Questions per step (whole images)."),
     lr: float = typer.Option(1e-3, help="Peak learning rate of the head (AdamW, warm-up then cosine)."),
@@ -745,13 +752,17 @@ def train_vqa(
       vqa-search train vqa ./vqa2 --images ./coco --out vqa2-head.safetensors --variant baseline
       vqa-search train vqa ./shapes --out shapes-head.safetensors --model vqa-tiny --pretrained stage1.safetensors \\
           --local-model vqa-tiny --local-pretrained stage1.safetensors --unfreeze-last 2
+      vqa-search train vqa ./vqa2 --images ./coco --out vit-head.safetensors --local-model hf:google/vit-base-patch16-224
+      vqa-search regions ./shapes --source clip-crops --boxes ./shapes/boxes.json
+      vqa-search train vqa ./shapes --out regions-head.safetensors --variant regions --region-set clip-crops-boxes
     """
     from vqa_search.vqa.train import VqaTrainConfig, train_vqa as train
 
     _setup_logging(quiet)
     config = VqaTrainConfig(
         variant=variant, model=model, pretrained=pretrained, local_model=local_model,
-        local_pretrained=local_pretrained, unfreeze_last=unfreeze_last, epochs=epochs, batch_size=batch_size, lr=lr,
+        local_pretrained=local_pretrained, unfreeze_last=unfreeze_last, regions=region_set, index=index_dir,
+        epochs=epochs, batch_size=batch_size, lr=lr,
         local_lr=local_lr, weight_decay=weight_decay, dropout=dropout, loss=loss, vocab_size=vocab_size,
         patience=patience, seed=seed, images=images, workers=workers,
     )

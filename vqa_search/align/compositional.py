@@ -140,11 +140,12 @@ def _stored_row(path: Path, images_root: Path, states: dict[str, FileState], row
 def fine_pair_scores(reranker, tokens: list[torch.Tensor], regions: torch.Tensor, pairs: np.ndarray) -> np.ndarray:
     """s_fine of each (text, image) pair: tokens[text] against regions[image]."""
     out = np.empty(len(pairs), dtype=np.float64)
+    regions = reranker.project_regions(regions)  # each image once, not once per pair
     for start in range(0, len(pairs), PAIRS_PER_BATCH):
         batch = pairs[start:start + PAIRS_PER_BATCH]
         batch_tokens, mask = padded([tokens[text] for text in batch[:, 0]])
         pair_regions = regions[torch.as_tensor(batch[:, 1])][:, None]  # (P, 1, K, F): one image per caption
-        out[start:start + len(batch)] = reranker.fine_scores(batch_tokens, mask, pair_regions)[:, 0].double().numpy()
+        out[start:start + len(batch)] = reranker.projected_fine_scores(batch_tokens, mask, pair_regions)[:, 0].double().numpy()
     return out
 
 

@@ -91,13 +91,19 @@ class RegionReport:
                 f"{self.removed} removed{unlisted}) in {self.region_dir} in {self.seconds:.1f} s")
 
 
-def compute_regions(dataset: Path | str, config: RegionConfig = RegionConfig()) -> RegionReport:
-    """Region features for every image of the dataset's index, computing only what no shard holds yet."""
+def compute_regions(dataset: Path | str, config: RegionConfig = RegionConfig(),
+                    extractor: RegionExtractor | None = None) -> RegionReport:
+    """Region features for every image of the dataset's index, computing only what no shard holds yet.
+
+    `extractor` replaces the one `config.source` names (a benchmark's oracle regions use it); the
+    config still gives the batch size, workers, shard size and progress.
+    """
     started = time.perf_counter()
     if config.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     index = Index(IndexDir(_index_path(dataset)))
-    extractor = load_extractor(config, index.clip if config.source in ("clip-patches", "clip-crops") else None)
+    if extractor is None:
+        extractor = load_extractor(config, index.clip if config.source in ("clip-patches", "clip-crops") else None)
     region_dir = RegionDir(index.dir.path / REGIONS_DIR / extractor.name)
     with region_dir.lock():
         report = _Update(index, region_dir, extractor, config).run()
@@ -292,7 +298,7 @@ class RegionSet:
         config = RegionConfig(source=self.source, detector=identity.get("detector"),
                               detector_weights=Path(weights) if weights else None, regions=identity["regions"],
                               score_threshold=identity.get("score_threshold", RegionConfig.score_threshold),
-                              min_size=identity.get("min_size"))
+                              min_size=identity.get("min_size"), proposals=identity.get("proposals"))
         given = None
         if "boxes_sha256" in identity:
             given = GivenBoxes(self.manifest.get("boxes_file") or "", identity["boxes_sha256"])

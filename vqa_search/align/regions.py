@@ -72,6 +72,7 @@ class RegionConfig:
     regions: int | None = None  # K; None: 36 for a detector, one per patch for clip-patches
     score_threshold: float = 0.2
     min_size: int | None = None  # the detector's input shorter side; None: its own 800 (smaller is faster, coarser)
+    proposals: int | None = None  # RPN proposals per image after NMS; None: the detector's own 1000
     batch_size: int = 8  # images per decoded batch and progress step
     workers: int = field(default_factory=default_workers)
     rows_per_shard: int = 256  # shards are also flushed every 30 s, so a crash loses at most that much
@@ -201,6 +202,11 @@ def load_extractor(config: RegionConfig, clip: Clip | None = None, given: GivenB
         raise UserError(f"unknown region source {config.source!r}; choose one of {', '.join(SOURCES)}")
     if config.regions is not None and config.regions < 1:
         raise UserError("--regions must be at least 1")
+    if config.proposals is not None and config.proposals < (config.regions or DEFAULT_REGIONS):
+        raise UserError(f"--proposals must be at least --regions ({config.regions or DEFAULT_REGIONS}; got "
+                        f"{config.proposals})")
+    if config.proposals is not None and config.source != "detector":
+        raise UserError("--proposals is for --source detector: the other sources run no region proposal network")
     if given is None and config.boxes is not None:
         if config.source == "clip-patches":
             raise UserError("--boxes needs --source detector or clip-crops: clip-patches regions are the ViT's patches")
@@ -240,10 +246,11 @@ class DetectorRegions(RegionExtractor):
         self.feature_dim = BOX_FEATURES + len(GEOMETRY)
         self.score_threshold = config.score_threshold
         self.min_size = config.min_size
+        self.proposals = config.proposals
         self.identity = {"source": self.source, "detector": self.detector,
                          "weights_sha256": sha256_file(self.weights), "regions": self.num_regions,
                          "score_threshold": self.score_threshold, "min_size": self.min_size,
-                         **self._given_identity()}
+                         **({"proposals": self.proposals} if self.proposals else {}), **self._given_identity()}
 
     @cached_property
     def model(self) -> detection.FasterRCNN:
@@ -257,6 +264,9 @@ class DetectorRegions(RegionExtractor):
             transform = model.transform
             transform.max_size = round(transform.max_size * self.min_size / transform.min_size[0])
             transform.min_size = (self.min_size,)
+        if self.proposals:  # the box head runs once per proposal: most of a CPU detection's time
+            model.rpn._pre_nms_top_n["testing"] = 2 * self.proposals
+            model.rpn._post_nms_top_n["testing"] = self.proposals
         model.roi_heads.score_thresh = self.score_threshold
         model.roi_heads.detections_per_img = max(model.roi_heads.detections_per_img, self.num_regions)
         return model.to(self.device).eval()

@@ -86,13 +86,15 @@ def reranked_ranks(reranker: CrossAttentionReranker, global_scores: np.ndarray, 
     """
     lam = reranker.config.lam
     n_images = global_scores.shape[1]
+    # Each image's regions through the region MLP once, not once per caption that ranks it in its top N.
+    regions = reranker.project_regions(inputs.regions.float())
     t2i_top = top_candidates(global_scores, top)
     t2i_new = np.empty(t2i_top.shape, dtype=np.float64)
     for start in range(0, len(global_scores), chunk):
         rows = slice(start, start + chunk)
         tokens, mask = padded(inputs.tokens[rows])
         candidates = torch.as_tensor(t2i_top[rows])
-        fine = reranker.fine_scores(tokens, mask, inputs.regions[candidates].float()).numpy()
+        fine = reranker.projected_fine_scores(tokens, mask, regions[candidates]).numpy()
         t2i_new[rows] = np.take_along_axis(global_scores[rows], t2i_top[rows], axis=1) + lam * fine
     t2i = first_correct_ranks(promote(global_scores, t2i_top, t2i_new), caption_image, np.arange(n_images))
 
@@ -101,7 +103,7 @@ def reranked_ranks(reranker: CrossAttentionReranker, global_scores: np.ndarray, 
     i2t_new = np.empty(i2t_top.shape, dtype=np.float64)
     for image, candidates in enumerate(i2t_top):
         tokens, mask = padded([inputs.tokens[c] for c in candidates])
-        fine = reranker.fine_scores(tokens, mask, inputs.regions[image][None, None].float())[:, 0].numpy()
+        fine = reranker.projected_fine_scores(tokens, mask, regions[image][None, None])[:, 0].numpy()
         i2t_new[image] = image_scores[image, candidates] + lam * fine
     i2t = first_correct_ranks(promote(image_scores, i2t_top, i2t_new), np.arange(n_images), caption_image)
     return {"t2i": t2i, "i2t": i2t}

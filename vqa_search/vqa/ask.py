@@ -53,7 +53,7 @@ def ask(image: Path | str, question: str, index_dir: Path | str | None = None, h
     if head is not None and not Path(head).is_file():
         raise UserError(f"head file not found: {head} (train one with `vqa-search train vqa`)")
     load_named_image(image)  # before any model loads
-    head_answers = _head_answers(Path(head), image.resolve(), question, top) if head is not None else None
+    head_answers = _head_answers(Path(head), image.resolve(), question, top, index_dir) if head is not None else None
     index = _open_index(index_dir, required=head is None)
     captions = None
     if index is not None:
@@ -76,12 +76,14 @@ def _open_index(index_dir: Path | str | None, required: bool):
     return Index.open(index_dir)
 
 
-def _head_answers(head: Path, image: Path, question: str, top: int) -> list[dict]:
+def _head_answers(head: Path, image: Path, question: str, top: int, index_dir: Path | str | None) -> list[dict]:
+    """A regions head reads the image's regions from its region set (of `index_dir` if given, else of
+    the index it was trained with), or extracts them with the set's extractor for an image not indexed."""
     from vqa_search.vqa.answerer import load_answerer
     from vqa_search.vqa.features import image_features, question_vectors
 
-    answerer = load_answerer(head)
-    features = image_features(answerer.clip, answerer.local, [image])
+    answerer = load_answerer(head, index=index_dir)
+    features = image_features(answerer.clip, answerer.local, [image], regions=answerer.regions)
     _, vectors = question_vectors(answerer.clip, [question])
     answers, probabilities = answerer.top_answers(features, [image], vectors, k=top)
     return [{"answer": answer, "probability": round(float(p), 4)} for answer, p in zip(answers[0], probabilities[0])]

@@ -26,7 +26,8 @@ class VqaBenchConfig:
     head: Path | None = None
     split: str = "val"
     mode: str = "head"
-    index: Path | None = None  # captions mode; default: the data folder's index
+    index: Path | None = None  # captions mode (default: the data folder's index); a regions head's region set
+                               # (default: the index it was trained with)
     images: Path | None = None
     train_split: str = "train"  # where the majority answers come from
     batch_size: int = 64
@@ -61,9 +62,9 @@ def head_predictions(head: Path, questions: list[VqaQuestion], config: VqaBenchC
     from vqa_search.vqa.answerer import load_answerer
     from vqa_search.vqa.features import image_features, question_vectors
 
-    answerer = load_answerer(head)
+    answerer = load_answerer(head, index=config.index)
     features = image_features(answerer.clip, answerer.local, [question.image for question in questions],
-                              config.batch_size, config.workers, config.progress)
+                              config.batch_size, config.workers, config.progress, answerer.regions)
     readable = [question for question in questions if question.image in features.rows]
     rows, vectors = question_vectors(answerer.clip, [question.question for question in readable])
     answers, _ = answerer.top_answers(features, [question.image for question in readable],

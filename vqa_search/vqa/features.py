@@ -2,7 +2,10 @@
 
 - g: the image's global embedding from CLIP (the same model as an index, or a stage-1 checkpoint);
 - q: the question's CLIP text embedding, from the same model;
-- the local encoder's input to its first trainable block (`LocalEncoder.prefix`), for dual heads.
+- the local encoder's input to its first trainable block (`LocalTower.prefix`), for dual heads:
+  an open_clip ViT (`LocalEncoder`) or a Hugging Face ViT (`hf_local.HfLocalEncoder`);
+- the image's regions from a region set of the index (the regions head), read from the set for
+  indexed images and extracted with the set's own extractor for any other image.
 
 Everything frozen is computed here once, so an epoch only runs the head and, with
 `--unfreeze-last N`, the local encoder's last N blocks. With N = 0 the cached stream has been
@@ -14,24 +17,65 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from vqa_search.align.compositional import region_features
+from vqa_search.align.region_store import RegionSet
 from vqa_search.core.encode import autocast, encode_texts
 from vqa_search.core.errors import UserError
+from vqa_search.core.identity import ModelIdentity, resolve_identity
 from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef
-from vqa_search.core.models import Clip
+from vqa_search.core.models import Clip, load_clip
 from vqa_search.core.runner import ClipImageMapper, Collector, Mapper, run
 from vqa_search.core.tower_blocks import image_prefix, image_suffix_tokens
 
 log = logging.getLogger("vqa_search")
 
 
-class LocalEncoder(nn.Module):
-    """A second ViT image tower for local detail: its patch tokens and pooled output.
+class LocalTower(nn.Module):
+    """What the dual heads need of a local encoder, whichever library its ViT comes from.
+
+    `prefix` runs the frozen first blocks once per image (cached as float16); `forward` runs the
+    trainable last `unfreeze_last` blocks and the final norm on cached streams and returns
+    (patch tokens (B, N, width), pooled output (B, pooled_dim)).
+    """
+
+    model: nn.Module  # the whole network; its trainable parameters are the last blocks and the final norm
+    unfreeze_last: int
+    identity: ModelIdentity  # what a head file records to load the same weights again
+    preprocess: Callable  # PIL image -> pixels, run in decoding workers
+    device: torch.device
+    width: int
+    pooled_dim: int
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights training changes: all a head file needs besides the base weights' identity."""
+        trainable = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
+        return {name: tensor for name, tensor in self.model.state_dict().items() if name in trainable}
+
+    def prefix(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def load_local_encoder(model: str, pretrained: str, unfreeze_last: int,
+                       device: torch.device | None = None) -> LocalTower:
+    """`hf:NAME_OR_PATH` is a Hugging Face ViT (its weights named by itself); anything else an open_clip ViT."""
+    from vqa_search.vqa.hf_local import is_hf_model, load_hf_local
+
+    if is_hf_model(model):
+        return load_hf_local(model, unfreeze_last, device)
+    return LocalEncoder(load_clip(resolve_identity(model, pretrained), device), unfreeze_last)
+
+
+class LocalEncoder(LocalTower):
+    """An open_clip ViT image tower for local detail: its patch tokens and pooled output.
 
     Only its last `unfreeze_last` blocks, ln_post and projection can train; the rest is frozen and
     its output (the residual stream entering the first trainable block) is what gets cached.
@@ -48,6 +92,7 @@ class LocalEncoder(nn.Module):
                             f"(got {unfreeze_last})")
         self.clip = clip
         self.model = clip.model  # the image_prefix / image_suffix_tokens helpers take the whole CLIP
+        self.identity, self.preprocess, self.device = clip.identity, clip.preprocess, clip.device
         self.unfreeze_last = unfreeze_last
         self.frozen_blocks = depth - unfreeze_last
         self.model.requires_grad_(False)
@@ -65,19 +110,14 @@ class LocalEncoder(nn.Module):
     def pooled_dim(self) -> int:
         return self.model.visual.output_dim
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The weights training changes: all a head file needs besides the base weights' identity."""
-        trainable = {name for name, parameter in self.model.named_parameters() if parameter.requires_grad}
-        return {name: tensor for name, tensor in self.model.state_dict().items() if name in trainable}
-
     @torch.no_grad()
     def prefix(self, pixels: torch.Tensor) -> torch.Tensor:
-        with autocast(self.clip.device):
-            return image_prefix(self.model, pixels.to(self.clip.device), self.frozen_blocks)
+        with autocast(self.device):
+            return image_prefix(self.model, pixels.to(self.device), self.frozen_blocks)
 
     def forward(self, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch tokens (B, N, W), pooled output (B, W')) from cached streams."""
-        pooled, tokens = image_suffix_tokens(self.model, stream.to(self.clip.device, torch.float32),
+        pooled, tokens = image_suffix_tokens(self.model, stream.to(self.device, torch.float32),
                                              self.frozen_blocks)
         return tokens, pooled
 
@@ -86,41 +126,46 @@ class LocalEncoder(nn.Module):
 class ImageFeatures:
     rows: dict[Path, int]  # image file -> row of the tensors below
     global_vectors: torch.Tensor  # (images, D) float32, L2-normalised
-    local_streams: torch.Tensor | None  # (images, tokens, W) float16: LocalEncoder.prefix
+    local_streams: torch.Tensor | None  # (images, tokens, W) float16: LocalTower.prefix
     skipped: dict[Path, str]  # unreadable file -> reason
+    regions: torch.Tensor | None = None  # (images, K, F) float16: the regions head's region features
 
-    def take(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Per question its image's global vector; the local streams of each distinct image once, and
-        which of them each question reads (the local encoder runs once per image, not per question)."""
+    def take(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                    torch.Tensor | None]:
+        """Per question its image's global vector; the local streams and regions of each distinct image
+        once, and which of them each question reads (the local encoder runs once per image, not per question)."""
         rows = torch.tensor([self.rows[image] for image in images])
         distinct, inverse = torch.unique(rows, return_inverse=True)
         streams = None if self.local_streams is None else self.local_streams[distinct]
-        return self.global_vectors[rows], streams, inverse
+        regions = None if self.regions is None else self.regions[distinct]
+        return self.global_vectors[rows], streams, inverse, regions
 
 
-def image_features(clip: Clip, local: LocalEncoder | None, images: Sequence[Path], batch_size: int = 64,
-                   workers: int = 0, progress: bool = False) -> ImageFeatures:
-    """Global vectors and local streams of readable images; unreadable ones are listed, not fatal."""
+def image_features(clip: Clip, local: LocalTower | None, images: Sequence[Path], batch_size: int = 64,
+                   workers: int = 0, progress: bool = False, regions: RegionSet | None = None) -> ImageFeatures:
+    """Global vectors, local streams and regions of readable images; unreadable ones are listed, not fatal."""
     unique = list(dict.fromkeys(images))
     vectors, rows, skipped = _decode_and_encode(clip.preprocess, unique, batch_size, workers, progress,
                                                 ClipImageMapper(clip), "images")
     streams = None
     if local is not None:
         readable = [image for image in unique if image in rows]
-        streams, local_rows, _ = _decode_and_encode(local.clip.preprocess, readable, batch_size, workers, progress,
+        streams, local_rows, _ = _decode_and_encode(local.preprocess, readable, batch_size, workers, progress,
                                                     _LocalPrefix(local), "local encoder")
         if local_rows.keys() != rows.keys():
             raise UserError("images changed on disk while they were read; run the command again")
     if skipped:
         log.warning("%d unreadable images left out, e.g. %s: %s", len(skipped), *next(iter(skipped.items())))
-    return ImageFeatures(rows, vectors, streams, skipped)
+    # float16, as the set stores them: an image gets the same features inside the index or out
+    region_rows = None if regions is None else region_features(regions, list(rows)).half()
+    return ImageFeatures(rows, vectors, streams, skipped, region_rows)
 
 
 @dataclass
 class _LocalPrefix:
     """The runner's mapper for the local encoder: the stream entering its first trainable block, float16."""
 
-    local: LocalEncoder
+    local: LocalTower
 
     def __call__(self, batch: DecodedBatch) -> torch.Tensor:
         return self.local.prefix(batch.pixels).half().cpu()

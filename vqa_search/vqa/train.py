@@ -5,7 +5,8 @@ value is the official accuracy that answer would get from the 10 humans (soft sc
 cross-entropy summed over answers (`loss="ce"`: one softmax against the same scores, normalised).
 Train questions none of whose answers made it into the vocabulary teach nothing and are left out.
 
-Frozen inputs are computed once (`features.py`). Batches hold whole images with all their questions,
+Frozen inputs are computed once (`features.py`), the regions head's regions once by `vqa-search
+regions` (read from the index's region set). Batches hold whole images with all their questions,
 so the local encoder's trainable blocks run once per image. After every epoch the val split is
 scored with the benchmark's own accuracy; the best head is written at once (atomically).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqa_search.align.region_store import RegionSet
 from vqa_search.core.errors import UserError
 from vqa_search.core.threads import default_workers
 from vqa_search.core.models import default_device, load_clip
@@ -30,8 +32,8 @@ from vqa_search.vqa.answers import DEFAULT_VOCAB_SIZE, AnswerVocab
 from vqa_search.vqa.constants import DEFAULT_LOCAL_MODEL, DEFAULT_LOCAL_PRETRAINED  # light: the CLI reads them too
 from vqa_search.vqa.data import VqaQuestion, read_vqa
 from vqa_search.vqa.evaluate import accuracy_report
-from vqa_search.vqa.features import ImageFeatures, LocalEncoder, image_features, question_vectors
-from vqa_search.vqa.heads import VARIANTS, AnswerHead, HeadConfig, answer_loss
+from vqa_search.vqa.features import ImageFeatures, image_features, load_local_encoder, question_vectors
+from vqa_search.vqa.heads import LOCAL_VARIANTS, VARIANTS, AnswerHead, HeadConfig, answer_loss
 
 log = logging.getLogger("vqa_search")
 
@@ -44,9 +46,11 @@ class VqaTrainConfig:
     variant: str = "dual-attention"
     model: str = DEFAULT_MODEL  # g and q
     pretrained: str = DEFAULT_PRETRAINED  # tag, stage-1 checkpoint, or "none"
-    local_model: str = DEFAULT_LOCAL_MODEL  # the dual variants' second image encoder
-    local_pretrained: str = DEFAULT_LOCAL_PRETRAINED
+    local_model: str = DEFAULT_LOCAL_MODEL  # the dual variants' second image encoder; "hf:NAME_OR_PATH": a HF ViT
+    local_pretrained: str = DEFAULT_LOCAL_PRETRAINED  # its open_clip weights (an hf: model names its own)
     unfreeze_last: int = 0  # trainable last blocks of the local encoder
+    regions: str | None = None  # the regions variant's region set (INDEX/regions/<name>); None: the only one
+    index: Path | None = None  # the index holding it (or its dataset folder); default: the data's folder
     epochs: int = 20
     batch_size: int = 256  # questions per step, rounded up to whole images
     lr: float = 1e-3
@@ -92,14 +96,15 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
     vocab = AnswerVocab.build((question.answers for question in train), config.vocab_size)
     device = torch.device(config.device) if config.device else default_device()
     clip = load_clip(resolve_identity(config.model, config.pretrained), device)
-    local = None
-    if config.variant != "baseline":
-        local_clip = load_clip(resolve_identity(config.local_model, config.local_pretrained), device)
-        local = LocalEncoder(local_clip, config.unfreeze_last)
+    local = regions = None
+    if config.variant in LOCAL_VARIANTS:
+        local = load_local_encoder(config.local_model, config.local_pretrained, config.unfreeze_last, device)
+    elif config.variant == "regions":
+        regions = RegionSet.open(config.index or data.root, config.regions)
     generator = seed_everything(config.seed)
 
     features = image_features(clip, local, [question.image for question in train + val], config.batch_size,
-                              config.workers, progress)
+                              config.workers, progress, regions)
     train = [question for question in train if question.image in features.rows]
     val = [question for question in val if question.image in features.rows]
     targets = [vocab.soft_targets(question.answers) for question in train]
@@ -114,9 +119,9 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
     head = AnswerHead(HeadConfig(
         variant=config.variant, answers=len(vocab.answers), embed_dim=vectors.shape[1],
         local_width=local.width if local else 0, local_pooled_dim=local.pooled_dim if local else 0,
-        hidden=config.hidden, dropout=config.dropout,
+        region_dim=regions.feature_dim if regions else 0, hidden=config.hidden, dropout=config.dropout,
     ))
-    answerer = Answerer(head.to(device), vocab, clip, local, config.loss)
+    answerer = Answerer(head.to(device), vocab, clip, local, config.loss, regions)
     trainer = _Trainer(answerer, features, train, targets, vectors, torch.tensor([rows[q.question] for q in train]),
                        config, generator)
     val_vectors = vectors[[rows[question.question] for question in val]]
@@ -156,9 +161,9 @@ class _Trainer:
 
     def loss(self, positions: np.ndarray) -> torch.Tensor:
         device = self.answerer.clip.device
-        global_vectors, streams, inverse = self.features.take([self.questions[i].image for i in positions])
+        global_vectors, streams, inverse, regions = self.features.take([self.questions[i].image for i in positions])
         questions = self.question_vectors[self.question_rows[positions]]
-        logits = self.answerer.logits(global_vectors, questions, streams, inverse).float()
+        logits = self.answerer.logits(global_vectors, questions, streams, inverse, regions).float()
         return answer_loss(logits, self._dense_targets(positions).to(device), self.config.loss)
 
     def _dense_targets(self, positions: np.ndarray) -> torch.Tensor:
