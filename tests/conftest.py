@@ -87,3 +87,31 @@ def photos(tmp_path: Path) -> Path:
         rows += [(name, f"a picture, number {i}"), (name, f'the "colour" {colour}')]
     write_captions(root / "captions.txt", rows)
     return root
+
+
+def make_serve_world(root: Path, images: int = 40) -> Path:
+    """A shapes world indexed with the tiny random CLIP, with patch-token regions, a re-ranker at
+    INDEX/reranker.safetensors and an (untrained) answer head at root/head.safetensors: all `serve` reads."""
+    from test_rerank import trained_like  # the stage-2 tests' random re-ranker
+
+    from vqa_search.align.region_store import RegionSet, compute_regions
+    from vqa_search.align.regions import RegionConfig
+    from vqa_search.align.reranker import save_reranker
+    from vqa_search.indexer.build import BuildConfig, build_index
+    from vqa_search.retrieval.searcher import Index
+    from vqa_search.shapes import ShapesConfig, make_shapes
+    from vqa_search.vqa.answerer import Answerer
+    from vqa_search.vqa.answers import AnswerVocab
+    from vqa_search.vqa.heads import AnswerHead, HeadConfig
+
+    make_shapes(root, ShapesConfig(images=images, size=32, seed=5), progress=False)
+    build_index(root, BuildConfig(**tiny_config()))
+    compute_regions(root, RegionConfig(source="clip-patches", workers=0, progress=False))
+    index = Index.open(root)
+    save_reranker(trained_like(index, RegionSet.open(root)), index.dir.path / "reranker.safetensors")
+    vocab = AnswerVocab(["yes", "no", "red", "blue", "circle", "2"])
+    torch.manual_seed(0)
+    head = AnswerHead(HeadConfig("baseline", answers=len(vocab.answers), embed_dim=index.embeddings().shape[1],
+                                 hidden=16))
+    Answerer(head, vocab, index.clip, None, "bce").save(root / "head.safetensors", record={})
+    return root
