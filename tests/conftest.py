@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +117,38 @@ def make_serve_world(root: Path, images: int = 40) -> Path:
                                  hidden=16))
     Answerer(head, vocab, index.clip, None, "bce").save(root / "head.safetensors", record={})
     return root
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[str]:
+    """uvicorn serving `app` on a free loopback port in a thread; yields its base URL, stops on exit."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listening.close()
+
+
+@pytest.fixture(scope="session")
+def serve_world(tmp_path_factory) -> Path:
+    """One indexed shapes world for the read-only `serve` tests (tests that change files make their own)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_serve_world(tmp_path_factory.mktemp("serve") / "shapes")
+    finally:
+        torch.set_num_threads(threads)

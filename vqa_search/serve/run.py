@@ -11,12 +11,13 @@ from vqa_search.serve.state import ServeConfig, Server, check_binding, discover_
 
 
 def _server_packages():
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: uploads)
-        import uvicorn
-    except ImportError as missing:
-        raise UserError(f"serving needs {missing.name}: pip install 'vqa-search[serve]'") from None
+    from importlib.util import find_spec
+
+    for module, package in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("python_multipart", "python-multipart")):
+        if find_spec(module) is None and (module != "python_multipart" or find_spec("multipart") is None):
+            raise UserError(f"serving needs {package}: pip install 'vqa-search[serve]'")
+    import uvicorn
+
     return uvicorn
 
 
