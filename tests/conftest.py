@@ -81,7 +81,11 @@ def shared_sample() -> Path:
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """A Flickr8k-shaped folder: Images/ with 6 photos and captions.txt with 2 captions each."""
-    root = tmp_path / "photos"
+    return photos_folder(tmp_path / "photos")
+
+
+def photos_folder(root: Path) -> Path:
+    """The `photos` fixture's folder, at `root`."""
     rows = []
     for i, colour in enumerate(COLOURS[:6]):
         name = f"photo_{i}.png"
