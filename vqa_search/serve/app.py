@@ -50,9 +50,9 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 422, 503)}
-IndexName = Annotated[str, PathParameter(description="Index name, as GET /api/indexes lists them.", max_length=200)]
 ImageId = Annotated[int, PathParameter(ge=0, description="Image id in the index's live generation.")]
 Target = Literal["images", "captions"]
+IndexName = Annotated[str, PathParameter(description="Index name, as GET /api/indexes lists them.", max_length=200)]
 
 
 def _static() -> Path:
@@ -76,7 +76,23 @@ def create_app(server: Server, warm_in_background: bool = True) -> FastAPI:
     _security(app, server)
     _routes(app, server)
     app.mount("/static", StaticFiles(directory=_static()), name="static")
+    _name_choices(app, list(server.indexes))
     return app
+
+
+def _name_choices(app: FastAPI, names: list[str]) -> None:
+    """The schema lists this server's index names, so a client (or a fuzzer) knows which exist."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            for operation in (op for item in generate()["paths"].values() for op in item.values()):
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "path" and parameter["name"] == "name":
+                        parameter["schema"]["enum"] = names
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 # ---- errors --------------------------------------------------------------------------------------
