@@ -69,6 +69,7 @@ def create_app(server: Server, warm_in_background: bool = True) -> FastAPI:
         yield
 
     app = FastAPI(title="vqa-search", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # their pages load scripts from a CDN: the schema is /openapi.json
                   description="Search an indexed photo collection by text or example image, ask questions "
                               "about its pictures, and fetch them by id. Errors are `{\"error\": \"...\"}`.")
     app.state.server = server
