@@ -120,3 +120,20 @@ def test_no_endpoint_takes_a_path(client):
     names = {parameter["name"] for operation in schema["paths"].values() for method in operation.values()
              for parameter in method.get("parameters", [])}
     assert names <= {"name", "image_id", "q", "target", "k", "nprobe", "rerank", "rerank_top", "explain"}
+
+
+def test_a_read_only_index_still_serves_thumbnails(world, monkeypatch, our_log):
+    import errno
+
+    from vqa_search.serve import files
+
+    def refused(target):
+        raise OSError(errno.EROFS, "Read-only file system", str(target))
+
+    monkeypatch.setattr(files, "atomic_path", refused)
+    with _client(world[0]) as client:
+        for image_id in (0, 1):
+            response = client.get(f"/api/indexes/photos/thumbnails/{image_id}")
+            assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert not (world[0] / ".vqa-search" / "thumbnails").exists()
+    assert len({id(record) for record in our_log.records if "thumbnails are not kept" in record.message}) == 1

@@ -24,6 +24,7 @@ from vqa_search.serve.state import THUMBNAIL_DIR, ApiError, Served
 
 log = logging.getLogger("vqa_search")
 
+_NOT_KEPT: set[Path] = set()  # thumbnail folders already said to be unwritable
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                ".bmp": "image/bmp", ".gif": "image/gif"}
 
@@ -77,6 +78,8 @@ def thumbnail_bytes(served: Served, image_id: int, size: int) -> bytes:
         with atomic_path(cached) as temp:
             temp.write_bytes(thumbnail)
     except OSError as error:  # a read-only index: serve it anyway, made again next time
-        log.warning("thumbnail not kept (%s: %s); it is made again on every request",
-                    error.strerror or error, error.filename or cached)
+        if cached.parent.parent not in _NOT_KEPT:
+            _NOT_KEPT.add(cached.parent.parent)
+            log.warning("thumbnails are not kept (%s: %s); each is made again on every request",
+                        error.strerror or error, error.filename or cached)
     return thumbnail
