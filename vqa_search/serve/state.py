@@ -125,18 +125,17 @@ class Served:
         self.name, self.index, self.server = name, index, server
         self.generation: int = index.manifest["generation"]
         self._lock = threading.Lock()
-        self._rerankers: dict[int, object] = {}
+        self._reranker = None
         self._captions = None
 
     def reranker(self):
         """The QueryReranker of this generation: --reranker FILE, else INDEX/reranker.safetensors."""
         with self._lock:
-            if 0 not in self._rerankers:
+            if self._reranker is None:
                 from vqa_search.align.rerank import QueryReranker
 
-                self._rerankers[0] = QueryReranker(self.index, self.server.config.reranker,
-                                                   self.server.config.rerank_top)
-            return self._rerankers[0]
+                self._reranker = QueryReranker(self.index, self.server.config.reranker, self.server.config.rerank_top)
+            return self._reranker
 
     def captions(self, required: bool = True):
         """The CaptionAnswerer of this generation; None when the index has none and `required` is False."""
