@@ -72,9 +72,17 @@ def test_search_upload_rerank_explain_and_ask(browser, page_url, serve_world, tm
     page.wait_for_function("document.querySelector('#summary').textContent.includes('shape_000013.png')")
     assert cards.first.get_attribute("data-image-id") == "13"  # itself first
 
+    query = "a red circle to the left of a blue square"
+    _search(page, query)
+    plain = [cards.nth(i).get_attribute("data-image-id") for i in range(12)]
+    page.check("#rerank")
+    _search(page, query)
+    reranked = [cards.nth(i).get_attribute("data-image-id") for i in range(12)]
+    assert reranked != plain  # the re-ranker's random weights reorder the top 12 of the global top 50
+    page.uncheck("#rerank")
     page.check("#explain")  # implies re-rank
     assert page.is_checked("#rerank")
-    _search(page, "a red circle to the left of a blue square")
+    _search(page, query)
     page.locator("#results button.explain").first.click()
     page.wait_for_selector("#explain-view[open]")
     page.wait_for_function("document.querySelectorAll('#explain-boxes rect').length > 0")
