@@ -31,13 +31,20 @@ IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
 
 def etag_of(served: Served, image_id: int, suffix: str = "") -> str:
     """The indexed content hash: an id names another picture after a re-index, its tag changes with it."""
+    return f'"{_indexed_sha256(served, image_id)}{suffix}"'
+
+
+def _indexed_sha256(served: Served, image_id: int) -> str:
     served.check_image_id(image_id)
-    return f'"{served.index.image_sha256[image_id]}{suffix}"'
+    sha = served.index.image_sha256[image_id]
+    if not sha or not all(c in "0123456789abcdef" for c in sha):
+        raise ApiError(404, f"image {image_id} of index {served.name!r} has no content hash (re-index the collection)")
+    return sha
 
 
 def indexed_bytes(served: Served, image_id: int) -> tuple[bytes, str]:
     """The image's bytes and content type, refused unless they are exactly what was indexed."""
-    served.check_image_id(image_id)
+    expected_sha = _indexed_sha256(served, image_id)
     index = served.index
     path = index.image_file(image_id)
     expected_size = index.image_states[image_id].bytes
@@ -47,7 +54,7 @@ def indexed_bytes(served: Served, image_id: int) -> tuple[bytes, str]:
     except OSError:
         raise ApiError(404, f"image {image_id} of index {served.name!r} is no longer readable on disk "
                             "(re-index the collection)") from None
-    if len(data) != expected_size or hashlib.sha256(data).hexdigest() != index.image_sha256[image_id]:
+    if len(data) != expected_size or hashlib.sha256(data).hexdigest() != expected_sha:
         raise ApiError(404, f"image {image_id} of index {served.name!r} changed on disk since it was indexed "
                             "(re-index the collection)")
     media_type = IMAGE_TYPES.get(Path(index.image_paths[image_id]).suffix.lower()) or \
@@ -57,8 +64,7 @@ def indexed_bytes(served: Served, image_id: int) -> tuple[bytes, str]:
 
 def thumbnail_bytes(served: Served, image_id: int, size: int) -> bytes:
     """A JPEG at most `size` pixels on its longest side: from INDEX_DIR/thumbnails/ when made before."""
-    served.check_image_id(image_id)
-    sha = served.index.image_sha256[image_id]
+    sha = _indexed_sha256(served, image_id)
     cached = served.index.dir.path / THUMBNAIL_DIR / sha[:2] / f"{sha}-{size}.jpg"
     try:
         with open_regular(cached) as handle:
