@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,7 +81,11 @@ def shared_sample() -> Path:
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """A Flickr8k-shaped folder: Images/ with 6 photos and captions.txt with 2 captions each."""
-    root = tmp_path / "photos"
+    return photos_folder(tmp_path / "photos")
+
+
+def photos_folder(root: Path) -> Path:
+    """The `photos` fixture's folder, at `root`."""
     rows = []
     for i, colour in enumerate(COLOURS[:6]):
         name = f"photo_{i}.png"
@@ -87,3 +93,66 @@ def photos(tmp_path: Path) -> Path:
         rows += [(name, f"a picture, number {i}"), (name, f'the "colour" {colour}')]
     write_captions(root / "captions.txt", rows)
     return root
+
+
+def make_serve_world(root: Path, images: int = 40) -> Path:
+    """A shapes world indexed with the tiny random CLIP, with patch-token regions, a re-ranker at
+    INDEX/reranker.safetensors and an (untrained) answer head at root/head.safetensors: all `serve` reads."""
+    from test_rerank import trained_like  # the stage-2 tests' random re-ranker
+
+    from vqa_search.align.region_store import RegionSet, compute_regions
+    from vqa_search.align.regions import RegionConfig
+    from vqa_search.align.reranker import save_reranker
+    from vqa_search.indexer.build import BuildConfig, build_index
+    from vqa_search.retrieval.searcher import Index
+    from vqa_search.shapes import ShapesConfig, make_shapes
+    from vqa_search.vqa.answerer import Answerer
+    from vqa_search.vqa.answers import AnswerVocab
+    from vqa_search.vqa.heads import AnswerHead, HeadConfig
+
+    make_shapes(root, ShapesConfig(images=images, size=32, seed=5), progress=False)
+    build_index(root, BuildConfig(**tiny_config()))
+    compute_regions(root, RegionConfig(source="clip-patches", workers=0, progress=False))
+    index = Index.open(root)
+    save_reranker(trained_like(index, RegionSet.open(root)), index.dir.path / "reranker.safetensors")
+    vocab = AnswerVocab(["yes", "no", "red", "blue", "circle", "2"])
+    torch.manual_seed(0)
+    head = AnswerHead(HeadConfig("baseline", answers=len(vocab.answers), embed_dim=index.embeddings().shape[1],
+                                 hidden=16))
+    Answerer(head, vocab, index.clip, None, "bce").save(root / "head.safetensors", record={})
+    return root
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[str]:
+    """uvicorn serving `app` on a free loopback port in a thread; yields its base URL, stops on exit."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listening.close()
+
+
+@pytest.fixture(scope="session")
+def serve_world(tmp_path_factory) -> Path:
+    """One indexed shapes world for the read-only `serve` tests (tests that change files make their own)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_serve_world(tmp_path_factory.mktemp("serve") / "shapes")
+    finally:
+        torch.set_num_threads(threads)

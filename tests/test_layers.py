@@ -1,6 +1,6 @@
 """The package's layers, enforced: each module imports only its own layer and the ones below it.
 
-    core  <  indexer  <  retrieval  <  align  <  vqa  <  cli.py, shapes.py
+    core  <  indexer  <  retrieval  <  align  <  vqa  <  cli.py, shapes.py, serve/
 
 `core` is the shared machinery; the four features are ordered by what they build on (an index is
 searched, a search is re-ranked, questions are answered from both). docs/ARCHITECTURE.md says why.
@@ -18,7 +18,8 @@ LAYERS = ["core", "indexer", "retrieval", "align", "vqa", "app"]
 
 
 def _layer(module: str) -> str:
-    """'vqa_search.retrieval.searcher' -> 'retrieval'; top-level modules (cli, shapes) are the app."""
+    """'vqa_search.retrieval.searcher' -> 'retrieval'; top-level modules (cli, shapes) and the server
+    package (serve/) are the app."""
     parts = module.split(".")
     return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "app"
 
@@ -53,3 +54,11 @@ def test_the_check_sees_an_upward_import():
     assert upward_imports({"vqa_search.core.models": {"vqa_search.indexer.build.BuildConfig"}}) == [
         "vqa_search.core.models imports vqa_search.indexer.build.BuildConfig"]
     assert upward_imports({"vqa_search.retrieval.searcher": {"vqa_search.indexer.build.build_index"}}) == []
+
+
+def test_the_server_is_the_app_and_only_the_cli_imports_it():
+    assert _layer("vqa_search.serve.app") == "app"
+    importers = sorted(module for module, targets in _modules().items()
+                       if any(target.startswith("vqa_search.serve") for target in targets)
+                       and not module.startswith("vqa_search.serve"))
+    assert importers == ["vqa_search.cli"]

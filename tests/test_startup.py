@@ -63,7 +63,7 @@ def test_importing_the_cli_loads_no_heavy_module():
 @pytest.mark.parametrize("args", [
     ["--help"], ["-h"], ["--version"], ["make-shapes", "--help"], ["index", "--help"], ["query", "-h"],
     ["info", "--help"], ["bench", "--help"], ["train", "--help"], ["train", "finetune", "--help"],
-    ["train", "rerank", "--help"], ["train", "vqa", "--help"], ["bench", "recall", "--help"],
+    ["train", "rerank", "--help"], ["train", "vqa", "--help"], ["bench", "recall", "--help"], ["serve", "--help"],
 ])
 def test_help_and_version_load_no_heavy_module(args):
     result, stdout, _ = _probe(*args)

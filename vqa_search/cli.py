@@ -308,6 +308,38 @@ def info(
         typer.echo(described.text())
 
 
+@app.command()
+@_user_errors
+@_model_threads
+def serve(
+    index_dirs: Optional[list[Path]] = typer.Option(
+        None, "--index", help="An index (or the dataset folder holding it), or a folder of them; repeatable. "
+                              "Default: found from here upwards."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on. Anything but loopback needs --token."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    reranker: Optional[Path] = typer.Option(None, help="Re-ranker for rerank=true. Default: INDEX/reranker.safetensors"),
+    head: Optional[Path] = typer.Option(None, help="Answer head from `train vqa` for questions (.safetensors)."),
+    token: Optional[str] = typer.Option(None, envvar="VQA_SEARCH_TOKEN", show_envvar=True,
+                                        help="Bearer token every API request must carry (the page asks for it)."),
+    cors: Optional[list[str]] = typer.Option(None, help="Allow this web origin to call the API; repeatable. Default: none."),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+) -> None:
+    """Serve the search, questions and pictures over HTTP, with a web page at /; the model stays loaded
+    and a new generation from `vqa-search index` is picked up by the next request.
+
+    \b
+    Examples:
+      vqa-search serve --index ./shapes                 # then open http://127.0.0.1:8000/
+      vqa-search serve --index ./indexes --port 8080    # every index in the folder, chosen per request
+      VQA_SEARCH_TOKEN=s3cret vqa-search serve --host 0.0.0.0 --head vqa-head.safetensors
+    """
+    from vqa_search.serve.run import serve_forever
+
+    _setup_logging()
+    serve_forever(index_dirs or [], host=host, port=port, reranker=reranker, head=head, token=token,
+                  cors=cors or [], echo=lambda line: typer.echo(line, err=True))
+
+
 @app.command("make-shapes")
 @_user_errors
 def make_shapes(

@@ -128,7 +128,12 @@ class QueryReranker:
                             f"region set {self.regions.name!r} has {self.regions.feature_dim}-d ones")
 
     def search(self, text: str | None = None, image: Path | str | None = None, k: int = 10,
-               target: str = "images", nprobe: int | None = None, explain: bool = False) -> SearchResult:
+               target: str = "images", nprobe: int | None = None, explain: bool = False,
+               top: int | None = None) -> SearchResult:
+        """The global top `top` (default: the one this re-ranker was opened with) re-scored, then the rest."""
+        top = self.top if top is None else top
+        if top < 1:
+            raise UserError(f"--rerank-top must be at least 1 (got {top})")
         if (text is not None and target != "images") or (image is not None and target != "captions"):
             raise UserError("--rerank re-scores text→image and image→caption queries only")
         if text is not None:
@@ -137,10 +142,10 @@ class QueryReranker:
             # One text forward gives both the tokens and, at the end-of-text token, the global query.
             tokens = caption_tokens(self.index.clip, [text.strip()], dtype=torch.float32)
             query = F.normalize(tokens[0][-1], dim=-1)[None].numpy()
-            result = self.index.search_vector(query, text.strip(), max(k, self.top), target, nprobe)
+            result = self.index.search_vector(query, text.strip(), max(k, top), target, nprobe)
         else:
-            result = self.index.search(image=image, k=max(k, self.top), target=target, nprobe=nprobe)
-        candidates, rest = result.results[:self.top], result.results[self.top:]
+            result = self.index.search(image=image, k=max(k, top), target=target, nprobe=nprobe)
+        candidates, rest = result.results[:top], result.results[top:]
         if not candidates:
             return result
         if text is not None:

@@ -7,6 +7,7 @@ workers can pickle it.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -55,6 +56,17 @@ def load_rgb(path: Path) -> LoadedImage:
             if os.fstat(handle.fileno()).st_size == 0:
                 raise ImageSkipped("empty file")
             image = _decode(handle)
+    except _DECODE_ERRORS as error:
+        raise ImageSkipped(_reason(error)) from error
+    return LoadedImage(image, image.width, image.height)
+
+
+def load_rgb_bytes(data: bytes) -> LoadedImage:
+    """`load_rgb` for a photo already in memory (bytes a server read and checked); same reasons."""
+    if not data:
+        raise ImageSkipped("empty file")
+    try:
+        image = _decode(io.BytesIO(data))
     except _DECODE_ERRORS as error:
         raise ImageSkipped(_reason(error)) from error
     return LoadedImage(image, image.width, image.height)

@@ -96,6 +96,7 @@ class Index:
         self.image_paths: list[str] = images["path"]
         self.image_states = [FileState(*state) for state in zip(images["path"], images["bytes"], images["mtime_ns"])]
         self.image_splits: list[str | None] = images.get("split", [None] * len(self.image_paths))
+        self.image_sha256: list[str | None] = images.get("sha256", [None] * len(self.image_paths))
         self.caption_texts: list[str] = captions["text"]
         self.caption_image: np.ndarray = np.asarray(captions["image_id"], dtype=np.int64)
         self.captions_of: list[list[str]] = [[] for _ in self.image_paths]

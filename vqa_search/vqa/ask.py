@@ -53,14 +53,36 @@ def ask(image: Path | str, question: str, index_dir: Path | str | None = None, h
     if head is not None and not Path(head).is_file():
         raise UserError(f"head file not found: {head} (train one with `vqa-search train vqa`)")
     load_named_image(image)  # before any model loads
-    head_answers = _head_answers(Path(head), image.resolve(), question, top, index_dir) if head is not None else None
-    index = _open_index(index_dir, required=head is None)
-    captions = None
-    if index is not None:
-        from vqa_search.vqa.captions import CaptionAnswerer
+    answerer = None
+    if head is not None:
+        from vqa_search.vqa.answerer import load_answerer
 
-        captions = CaptionAnswerer(index).answer(image, question)
-    return AskResult(image, question, head_answers, captions)
+        answerer = load_answerer(head, index=index_dir)  # a regions head reads its region set there
+    index = _open_index(index_dir, required=head is None)
+    return ask_loaded(image, question, answerer=answerer, captions=_caption_answerer(index), top=top)
+
+
+def ask_loaded(image: Path | str, question: str, answerer=None, captions=None, top: int = DEFAULT_TOP_ANSWERS,
+               shown_as: str | Path | None = None) -> AskResult:
+    """`ask` with everything already loaded (a server keeps them warm): an `Answerer` and/or a
+    `CaptionAnswerer`, either may be None. `shown_as` is the name the result gives the image."""
+    image, question = Path(image), question.strip()
+    if not question:
+        raise UserError("the question is empty")
+    if top < 1:
+        raise UserError(f"--top must be at least 1 (got {top})")
+    load_named_image(image)
+    head_answers = _head_answers(answerer, image.resolve(), question, top) if answerer is not None else None
+    evidence = captions.answer(image, question) if captions is not None else None
+    return AskResult(Path(shown_as) if shown_as is not None else image, question, head_answers, evidence)
+
+
+def _caption_answerer(index):
+    if index is None:
+        return None
+    from vqa_search.vqa.captions import CaptionAnswerer
+
+    return CaptionAnswerer(index)
 
 
 def _open_index(index_dir: Path | str | None, required: bool):
@@ -76,13 +98,11 @@ def _open_index(index_dir: Path | str | None, required: bool):
     return Index.open(index_dir)
 
 
-def _head_answers(head: Path, image: Path, question: str, top: int, index_dir: Path | str | None) -> list[dict]:
-    """A regions head reads the image's regions from its region set (of `index_dir` if given, else of
-    the index it was trained with), or extracts them with the set's extractor for an image not indexed."""
-    from vqa_search.vqa.answerer import load_answerer
+def _head_answers(answerer, image: Path, question: str, top: int) -> list[dict]:
+    """A regions head reads the image's regions from its region set, or extracts them with the set's
+    extractor for an image the index does not hold."""
     from vqa_search.vqa.features import image_features, question_vectors
 
-    answerer = load_answerer(head, index=index_dir)
     features = image_features(answerer.clip, answerer.local, [image], regions=answerer.regions)
     _, vectors = question_vectors(answerer.clip, [question])
     answers, probabilities = answerer.top_answers(features, [image], vectors, k=top)
