@@ -28,7 +28,7 @@ from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.retrieval.recall import RecallConfig, run_recall
 from vqa_search.shapes import SUGARCREPE_DIR, WINOGROUND_FILE
 
-STAGE2 = dict(epochs=4, batch_size=64, negatives=2, region_hidden=256, lr=1e-3, patience=2)
+STAGE2 = dict(epochs=3, batch_size=64, negatives=2, region_hidden=256, lr=1e-3, patience=2)
 TARGETS = {"t2i_R@1_gain": 5.0, "swap_att_gain": 15.0, "winoground_group_ratio": 2.0, "minutes": 20.0}
 
 

@@ -175,8 +175,9 @@ def test_training_scores_equal_the_models_forward():
         model.W_o.weight.normal_()
     trainer = train_rerank.RerankTrainer(model, train_rerank.TrainingSplit(gallery, FineInputs(tokens, regions)), 10.0,
                                          RerankTrainConfig(negatives=2, progress=False), torch.Generator())
-    batch = torch.tensor([0, 5, 7])
-    candidates = torch.tensor([[0, 3, 1, 0, 2], [2, 4, 4, 1, 3], [3, 3, 0, 5, 1]])
+    batch = torch.tensor([0, 5, 7])  # captions of images 0, 2 and 3
+    # as `loss` builds them: own image, hard negatives (repeats allowed), then the batch's own images
+    candidates = torch.tensor([[0, 3, 1, 0, 2, 3], [2, 4, 4, 0, 2, 3], [3, 3, 0, 0, 2, 3]])
 
     scores = trainer.scores(batch, candidates)
 

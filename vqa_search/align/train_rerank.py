@@ -179,15 +179,24 @@ class RerankTrainer:
 
     def scores(self, captions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """s = s_global + λ·s_fine of each caption against its candidate images (C, N), as the model's forward
-        computes it, but projecting each distinct image once: hard negatives and batch images repeat."""
+        computes it, but projecting each distinct image once: hard negatives and batch images repeat.
+
+        The last C columns are the batch's own images, the same row for every caption (`loss` builds
+        them so): they are scored as one shared set of images rather than copied C times, which kept
+        C x C x K x F region values in memory (600 MB a step for 36 detector regions of 1,031 values).
+        """
         tokens, mask = padded([self.train.inputs.tokens[c] for c in captions.tolist()], self.device)
         global_scores = torch.einsum("cd,cnd->cn", self.caption_vectors[captions], self.image_vectors[candidates])
         images, position = candidates.unique(return_inverse=True)
+        position = position.to(self.device)
         with autocast(self.device):
             regions = self.reranker.project_regions(self.train.inputs.regions[images].to(self.device).float())
+            flat = regions.flatten(1)
             # F.embedding is the gather whose backward is fast on CPU (indexing's scatter-add is not).
-            gathered = F.embedding(position.to(self.device), regions.flatten(1)).unflatten(-1, regions.shape[1:])
-            fine = self.reranker.projected_fine_scores(tokens, mask, gathered)
+            own_and_hard = F.embedding(position[:, :-len(captions)], flat).unflatten(-1, regions.shape[1:])
+            batch = F.embedding(position[:1, -len(captions):], flat).unflatten(-1, regions.shape[1:])
+            fine = torch.cat([self.reranker.projected_fine_scores(tokens, mask, own_and_hard),
+                              self.reranker.projected_fine_scores(tokens, mask, batch)], dim=1)
         return global_scores.to(self.device) + self.reranker.config.lam * fine.float()
 
     def _not_negative(self, captions: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
