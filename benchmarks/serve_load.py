@@ -13,9 +13,11 @@ server is `vqa-search serve` in its own process on 127.0.0.1, on a port the syst
 clients (threads with keep-alive connections) do not share its interpreter. Each client loops over
 a mix of requests: a text search (k=10), "more like this" of an indexed image, and a thumbnail.
 Reported: requests per second, p50 / p95 / p99 latency in ms (all and per kind), errors (anything
-but 200, or a failed connection). With --commit-every S a committer adds one picture and runs
-`vqa-search index` every S seconds during the load; the report then counts the commits and the
-generations the responses came from (X-Index-Generation), and any error is a failed switch.
+but 200, or a failed connection), and the same text searches timed in this process without HTTP
+before the server starts (`in_process_search`: what the model alone costs on this machine). With
+--commit-every S a committer adds one picture and runs `vqa-search index` every S seconds during the
+load; the report then counts the commits and the generations the responses came from
+(X-Index-Generation), and any error is a failed switch.
 
 Only ever loopback, and bounded: --seconds is at most 600.
 """
@@ -144,6 +146,21 @@ def committer(root: Path, every: float, until: float, done: list) -> None:
         number += 1
 
 
+def in_process_search(root: Path, repeats: int = 40) -> dict:
+    """The same text searches (k=10) in this process, without HTTP, before the server starts: the
+    model's own cost on this machine, which the server's text-search latency is compared with."""
+    from vqa_search.retrieval.searcher import Index
+
+    index = Index.open(root)
+    index.search(text="warm", k=10)
+    latencies = []
+    for number in range(repeats):
+        started = time.perf_counter()
+        index.search(text=QUERIES[number % len(QUERIES)], k=10)
+        latencies.append((time.perf_counter() - started) * 1000)
+    return percentiles(latencies)
+
+
 def percentiles(values: list[float]) -> dict:
     if not values:
         return {"n": 0}
@@ -167,6 +184,7 @@ def main() -> None:
         parser.error(f"--seconds must be in (0, {MAX_SECONDS}]")
 
     root = make_world(args.work, args.images, args.size, args.model)
+    reference = in_process_search(root)
     if args.commit_every:  # a copy, so that the kept world stays as made
         live = args.work / "live"
         shutil.rmtree(live, ignore_errors=True)
@@ -209,6 +227,7 @@ def main() -> None:
         "requests": len(every) + sum(count for kind, count in errors.items() if not kind.isdigit()),
         "requests_per_second": round(len(every) / elapsed, 1),
         "all": percentiles(every), **{kind: percentiles(values) for kind, values in sorted(latencies.items())},
+        "in_process_search": reference,
         "errors": dict(errors),
         "commit_every": args.commit_every, "commit_seconds": commits,
         "generations_seen": dict(sorted(generations.items(), key=lambda item: int(item[0]))),

@@ -201,6 +201,19 @@ def test_ivf_index_with_nprobe(tmp_path):
     assert everything.results[0].image == "005.png"
 
 
+def test_nprobe_is_one_search_s_own():
+    from vqa_search.core.faiss_index import IndexSpec, build_faiss, search
+
+    vectors = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    index = build_faiss(vectors, IndexSpec("ivf", nlist=32, nprobe=1))
+    queries = vectors[:50] + 0.5
+    stored = search(index, queries, 10)
+    everything = search(index, queries, 10, nprobe=32)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    assert (everything[1] == exact).all() and not (stored[1] == exact).all()
+    assert index.nprobe == 1 and (search(index, queries, 10)[1] == stored[1]).all()
+
+
 def test_open_searcher_survives_a_new_commit(photos):
     Index.build(photos, **tiny_config())
     searcher = Index.open(photos)

@@ -122,3 +122,32 @@ def test_the_command_serves_until_stopped(serve_world):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_connections_send_small_writes_at_once():
+    """uvicorn answers with two writes (head, body); with Nagle on, the body of every keep-alive
+    response waited for the client's delayed ACK (40 ms). asyncio turns Nagle off per connection, but
+    only when the listening socket says IPPROTO_TCP."""
+    import asyncio
+
+    from vqa_search.serve.run import listen
+
+    async def nodelay_of_an_accepted_connection() -> int:
+        accepted = asyncio.get_running_loop().create_future()
+
+        class Record(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Record, sock=listen("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(accepted, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(nodelay_of_an_accepted_connection()) != 0

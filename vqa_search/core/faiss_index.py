@@ -78,11 +78,16 @@ def build_faiss(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None = None):
-    """(scores, ids) of shape (len(queries), min(k, ntotal)); nprobe overrides the stored one for IVF."""
-    if nprobe is not None and hasattr(index, "nprobe"):
-        index.nprobe = nprobe
+    """(scores, ids) of shape (len(queries), min(k, ntotal)); nprobe overrides the stored one for IVF.
+
+    The override is this search's parameter, not the index's: a server shares one index between
+    requests, and a request's nprobe must neither stay for the next nor change one running beside it.
+    """
     k = min(k, index.ntotal)
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if nprobe is not None and hasattr(index, "nprobe"):
+        return index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+    return index.search(queries, k)
 
 
 def read_faiss(path: Path, use_gpu: bool = True) -> faiss.Index:

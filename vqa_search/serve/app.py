@@ -265,9 +265,9 @@ def _routes(app: FastAPI, server: Server) -> None:
             served.check_image_id(image_id)
             if not rerank:  # its stored vector: no need to read or embed the picture again
                 vector = np.asarray(served.index.embeddings("images")[image_id:image_id + 1], dtype=np.float32)
-                with server.compute:
-                    result = served.index.search_vector(vector, served.index.image_paths[image_id], k, target,
-                                                        nprobe)
+                # no model forward, so no wait for the compute lock (FAISS searches may run side by side):
+                # under 8 clients this answered in 470 ms behind the text forwards instead of 7 ms
+                result = served.index.search_vector(vector, served.index.image_paths[image_id], k, target, nprobe)
                 return JSONResponse(result.to_json(), headers=_generation_header(served))
             image = served.index.image_file(image_id)
         result = _search(served, q, image, k, target, nprobe, rerank, rerank_top, explain)

@@ -59,7 +59,10 @@ def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a taken port is one line (uvicorn would exit with 1)."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family, backlog=2048)
+        bound = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as error:
         where = f"[{host}]" if ":" in host else host
         raise UserError(f"cannot listen on {where}:{port}: {error.strerror or error}") from None
+    # asyncio turns Nagle off only on connections whose socket says IPPROTO_TCP, and create_server's
+    # says 0: with Nagle on, a keep-alive client waited 40 ms (its delayed ACK) for every body.
+    return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=bound.detach())
