@@ -36,6 +36,7 @@ cold 500 runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -56,6 +57,7 @@ QUERY = "a dog running on the grass"
 TASKS = ("cold-500", "rerun-500", "cold-20")
 TOOLS = ("vqa-search", "rclip3", "rclip2")
 SEED = 0
+DEFAULT_VQA_SEARCH = f"{sys.executable} -m vqa_search.cli"
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -196,6 +198,10 @@ class Tool:
         self.args, self.photos = args, photos
         self.state = args.scratch / "state" / self.name
 
+    @functools.cached_property
+    def version_text(self) -> str:
+        return self.version()
+
     def reset(self, size: str) -> None:
         shutil.rmtree(self.state / size, ignore_errors=True)
         (self.state / size).mkdir(parents=True)
@@ -208,16 +214,22 @@ class Tool:
 
 
 class VqaSearch(Tool):
-    name = "vqa-search"
+    """One vqa-search to race: `LABEL=COMMAND` (or just COMMAND, labelled vqa-search) from --vqa-search."""
+
+    def __init__(self, args, photos, given: str):
+        label, _, command = given.partition("=") if "=" in given.split(" ")[0] else ("vqa-search", "", given)
+        launcher, _, extra = command.partition(" -- ")  # after " -- ": more `index` arguments for this one
+        self.name, self.launcher, self.extra = label, shlex.split(launcher), shlex.split(extra)
+        super().__init__(args, photos)
 
     def command(self, size):
-        argv = [*shlex.split(self.args.vqa_search), "index", str(self.photos[size]), "--model", "ViT-B-32",
+        argv = [*self.launcher, "index", str(self.photos[size]), "--model", "ViT-B-32",
                 "--pretrained", "none", "--out", str(self.state / size / "index"), "-q",
-                *shlex.split(self.args.vqa_search_args)]
-        return argv, None, dict(os.environ)
+                *shlex.split(self.args.vqa_search_args), *self.extra]
+        return argv, self.args.scratch, dict(os.environ)  # not the cwd: `-m` would import a tree found there
 
     def version(self):
-        done = subprocess.run([*shlex.split(self.args.vqa_search), "--version"], capture_output=True, text=True)
+        done = subprocess.run([*self.launcher, "--version"], capture_output=True, text=True, cwd=self.args.scratch)
         return done.stdout.strip()
 
 
@@ -255,7 +267,7 @@ class Rclip2(Rclip):
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-TOOL_CLASSES = {cls.name: cls for cls in (VqaSearch, Rclip3, Rclip2)}
+TOOL_CLASSES = {cls.name: cls for cls in (Rclip3, Rclip2)}
 
 
 def wait_for_quiet(max_load: float, max_wait: float) -> float:
@@ -285,8 +297,14 @@ def one_run(tool: Tool, task: str, args) -> dict:
 
 def race(args) -> dict:
     photos = {"500": args.scratch / "photos-500", "20": args.scratch / "photos-20"}
-    tools = [TOOL_CLASSES[name](args, photos) for name in args.tools]
+    tools = []
+    for name in args.tools:
+        tools += ([VqaSearch(args, photos, given) for given in args.vqa_search or [DEFAULT_VQA_SEARCH]]
+                  if name == "vqa-search" else [TOOL_CLASSES[name](args, photos)])
     runs = []
+    for tool in tools:
+        tool.version_text  # asked once, before the timed runs
+    print(f"race of {', '.join(tool.name for tool in tools)} started {time.strftime('%H:%M:%S')}", flush=True)
     for repetition in range(args.repeat):
         order = tools[repetition % len(tools):] + tools[: repetition % len(tools)]  # alternate who goes first
         for task in TASKS:
@@ -295,8 +313,14 @@ def race(args) -> dict:
                     result = one_run(tool, task, args)
                     result.update(repetition=repetition, attempt=attempt)
                     runs.append(result)
+                    write_json(args.json, results(args, tools, runs))  # a run cut short keeps what it measured
                     if not result["disturbed"]:
                         break
+    return results(args, tools, runs)
+
+
+def results(args, tools: list[Tool], runs: list[dict]) -> dict:
+    """Medians of the undisturbed runs of each tool and task, with every run (kept or not)."""
     summary = {}
     for tool in tools:
         kept = {task: [r for r in runs if r["tool"] == tool.name and r["task"] == task and not r["disturbed"]]
@@ -304,7 +328,7 @@ def race(args) -> dict:
         median = {task: statistics.median(r["wall_s"] for r in kept[task]) if kept[task] else None for task in TASKS}
         cold500, cold20 = median["cold-500"], median["cold-20"]
         summary[tool.name] = {
-            "version": tool.version(),
+            "version": tool.version_text,
             "cold_500_s": _round(cold500), "cold_20_s": _round(cold20), "rerun_500_s": _round(median["rerun-500"]),
             "steady_images_per_s": _round(480 / (cold500 - cold20)) if cold500 and cold20 and cold500 > cold20 else None,
             "max_rss_gib": _round(statistics.median(r["max_rss_kib"] for r in kept["cold-500"]) / 2**20)
@@ -316,12 +340,19 @@ def race(args) -> dict:
         "summary": summary,
         "runs": runs,
         "settings": {"repeat": args.repeat, "max_load": args.max_load, "max_foreign_cores": args.max_foreign,
-                     "attempts": args.attempts, "query": QUERY, "vqa_search": args.vqa_search,
+                     "attempts": args.attempts, "query": QUERY, "vqa_search": args.vqa_search or [DEFAULT_VQA_SEARCH],
                      "vqa_search_args": args.vqa_search_args,
                      "photos": "300 Flickr8k sample photos + 200 mirrored JPEG q90 copies; 20 = first 20 real"},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    temp.replace(path)
 
 
 def _round(value: float | None, digits: int = 2) -> float | None:
@@ -347,8 +378,10 @@ def main() -> None:
     parser.add_argument("--venvs", type=Path, default=Path("/root/race-venvs"))
     parser.add_argument("--tools", default="vqa-search,rclip3", type=lambda s: s.split(","),
                         help=f"comma-separated, of {', '.join(TOOLS)}")
-    parser.add_argument("--vqa-search", default=f"{sys.executable} -m vqa_search.cli",
-                        help="the command that runs vqa-search (any tree: e.g. 'env PYTHONPATH=/work/main python -m vqa_search.cli')")
+    parser.add_argument("--vqa-search", action="append",
+                        help="[LABEL=]COMMAND [-- INDEX-ARGS] that runs vqa-search (any tree: e.g. 'after=env "
+                             "PYTHONPATH=/work/main python -m vqa_search.cli -- --threads 2'); repeat to race "
+                             "several; default: this python's")
     parser.add_argument("--vqa-search-args", default="", help="more arguments for `vqa-search index`, e.g. '--backend onnx'")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--attempts", type=int, default=3, help="tries per run before a disturbed one is given up")
@@ -367,10 +400,7 @@ def main() -> None:
         prepare_rclip2(args.scratch / "models")
         print(f"prepared {args.scratch}")
         return
-    results = race(args)
-    print(table(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(table(race(args)))
 
 
 if __name__ == "__main__":
