@@ -27,7 +27,8 @@ of 20 photos; repetitions alternate tool and task, so a burst of load hits every
 run waits until the 1-minute load average is at most --max-load (recorded); a run that starts above
 it, or during which other processes used more than --max-foreign cores (all CPU time in
 /proc/stat less the run's own, from wait4), is disturbed: kept in the JSON, left out of the medians
-and run again (at most --attempts times). Steady images/s is 480 / (median cold 500 − median cold
+and run again (at most --attempts times); a task left with disturbed runs only is summarised from
+them and flagged (`from_disturbed_runs`). Steady images/s is 480 / (median cold 500 − median cold
 20): the marginal rate, start-up and model loading cancelled, the same formula for every tool. The
 largest process RSS is wait4's ru_maxrss (the largest process of the run's tree), median over the
 cold 500 runs.
@@ -323,8 +324,14 @@ def results(args, tools: list[Tool], runs: list[dict]) -> dict:
     """Medians of the undisturbed runs of each tool and task, with every run (kept or not)."""
     summary = {}
     for tool in tools:
-        kept = {task: [r for r in runs if r["tool"] == tool.name and r["task"] == task and not r["disturbed"]]
-                for task in TASKS}
+        kept, undisturbed = {}, []
+        for task in TASKS:
+            done = [r for r in runs if r["tool"] == tool.name and r["task"] == task]
+            kept[task] = [r for r in done if not r["disturbed"]]
+            if kept[task]:
+                undisturbed.append(task)
+            else:  # every run of it disturbed: the median of all of them, flagged as such
+                kept[task] = done
         median = {task: statistics.median(r["wall_s"] for r in kept[task]) if kept[task] else None for task in TASKS}
         cold500, cold20 = median["cold-500"], median["cold-20"]
         summary[tool.name] = {
@@ -334,6 +341,7 @@ def results(args, tools: list[Tool], runs: list[dict]) -> dict:
             "max_rss_gib": _round(statistics.median(r["max_rss_kib"] for r in kept["cold-500"]) / 2**20)
             if kept["cold-500"] else None,
             "kept_runs": {task: len(kept[task]) for task in TASKS},
+            "from_disturbed_runs": [task for task in TASKS if task not in undisturbed and kept[task]],
             "command": shlex.join(tool.command("500")[0]),
         }
     return {
@@ -365,7 +373,8 @@ def table(results: dict) -> str:
     for name, row in results["summary"].items():
         def cell(value, unit):
             return "–" if value is None else f"{value:.2f} {unit}" if unit == "s" else f"{value:.1f}{unit}"
-        lines.append(f"| {name} ({row['version']}) | {cell(row['cold_500_s'], 's')} | {cell(row['cold_20_s'], 's')} | "
+        flag = f" (disturbed: {', '.join(row['from_disturbed_runs'])})" if row["from_disturbed_runs"] else ""
+        lines.append(f"| {name} ({row['version']}){flag} | {cell(row['cold_500_s'], 's')} | {cell(row['cold_20_s'], 's')} | "
                      f"{cell(row['rerun_500_s'], 's')} | {cell(row['steady_images_per_s'], '')} | "
                      f"{cell(row['max_rss_gib'], ' GiB')} |")
     return "\n".join(lines)
