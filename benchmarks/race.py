@@ -308,7 +308,7 @@ def race(args) -> dict:
     print(f"race of {', '.join(tool.name for tool in tools)} started {time.strftime('%H:%M:%S')}", flush=True)
     for repetition in range(args.repeat):
         order = tools[repetition % len(tools):] + tools[: repetition % len(tools)]  # alternate who goes first
-        for task in TASKS:
+        for task in args.tasks:
             for tool in order:
                 for attempt in range(args.attempts):  # a disturbed run is done again (a cold one from scratch)
                     result = one_run(tool, task, args)
@@ -348,7 +348,7 @@ def results(args, tools: list[Tool], runs: list[dict]) -> dict:
         "summary": summary,
         "runs": runs,
         "settings": {"repeat": args.repeat, "max_load": args.max_load, "max_foreign_cores": args.max_foreign,
-                     "attempts": args.attempts, "query": QUERY, "vqa_search": args.vqa_search or [DEFAULT_VQA_SEARCH],
+                     "attempts": args.attempts, "tasks": args.tasks, "query": QUERY, "vqa_search": args.vqa_search or [DEFAULT_VQA_SEARCH],
                      "vqa_search_args": args.vqa_search_args,
                      "photos": "300 Flickr8k sample photos + 200 mirrored JPEG q90 copies; 20 = first 20 real"},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -392,6 +392,8 @@ def main() -> None:
                              "PYTHONPATH=/work/main python -m vqa_search.cli -- --threads 2'); repeat to race "
                              "several; default: this python's")
     parser.add_argument("--vqa-search-args", default="", help="more arguments for `vqa-search index`, e.g. '--backend onnx'")
+    parser.add_argument("--tasks", default=",".join(TASKS), type=lambda s: s.split(","),
+                        help=f"comma-separated, of {', '.join(TASKS)} (a re-run alone needs the index of an earlier run)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--attempts", type=int, default=3, help="tries per run before a disturbed one is given up")
     parser.add_argument("--max-load", type=float, default=0.7)
@@ -403,6 +405,8 @@ def main() -> None:
     unknown = set(args.tools) - set(TOOLS)
     if unknown:
         parser.error(f"unknown tools: {', '.join(sorted(unknown))}")
+    if set(args.tasks) - set(TASKS):
+        parser.error(f"unknown tasks: {', '.join(sorted(set(args.tasks) - set(TASKS)))}")
     if args.step == "prepare":
         prepare_photos(args.scratch)
         prepare_rclip3(args.scratch / "models")
