@@ -92,7 +92,8 @@ _INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "
 def without_weight_init() -> Iterator[None]:
     """Build a model without drawing random weights that loaded ones replace at once.
 
-    A ViT-B-32's random initialisation costs 0.7 s of a cold start on a 2-core CPU. Only for models
+    A ViT-B-32's random initialisation is most of building it (1.9 s of CPU against 0.05 s without,
+    on a busy 2-core machine; benchmarks/cold_start.py times both). Only for models
     whose every weight is then loaded strictly (a missing one is an error there): the initialisers
     leave the tensors as allocated. Buffers computed in code (the text tower's attention mask) are
     built as usual.
