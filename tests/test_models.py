@@ -49,6 +49,20 @@ def test_openai_style_state_dict_with_extra_keys(tmp_path):
     _assert_same_weights(load_clip(resolve_identity(TINY_MODEL, str(path)), torch.device("cpu")).model, reference)
 
 
+def test_loaded_weights_are_not_drawn_at_random_first(tmp_path, monkeypatch):
+    """Random initialisation is most of building a ViT-B-32: skipped when a checkpoint replaces it at once."""
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in _random_tiny(seed=5).state_dict().items()}, str(path))
+    drawn = []
+    normal = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda tensor, *a, **k: drawn.append(1) or normal(tensor, *a, **k))
+    load_clip(resolve_identity(TINY_MODEL, str(path)), torch.device("cpu"))
+    assert drawn == []
+    load_clip(resolve_identity(TINY_MODEL, "none"), torch.device("cpu"))  # random weights are drawn, of course
+    assert drawn
+    assert torch.nn.init.normal_ is not normal  # the test's stand-in is back in place, not the no-op
+
+
 def test_random_init_is_seeded():
     first = load_clip(resolve_identity(TINY_MODEL, "none"), torch.device("cpu")).model
     second = load_clip(resolve_identity(TINY_MODEL, "none"), torch.device("cpu")).model

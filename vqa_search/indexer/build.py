@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vqa_search import __version__
@@ -36,6 +35,7 @@ from vqa_search.core.store import (
     ImageRecord,
     IndexDir,
     ShardWriter,
+    read_parquet,
 )
 from vqa_search.core.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, find_recorded_weights,
                                       resolve_identity, sha256_file)
@@ -230,27 +230,30 @@ class _Builder:
         caption_vectors, embedded_captions = self._caption_vectors([c.text for c in captions])
 
         split_of = {path: split for split, paths in self.data.splits.items() for path in paths}
-        images_table = pa.Table.from_pylist(
-            [
-                {"id": i, "path": r.state.path, "bytes": r.state.bytes, "mtime_ns": r.state.mtime_ns,
-                 "sha256": r.sha256, "width": r.width, "height": r.height}
-                for i, r in enumerate(indexed)
-            ],
-            schema=IMAGES_SCHEMA,
-        ).append_column("split", pa.array([split_of.get(r.state.path) for r in indexed], pa.string()))
-        captions_table = pa.Table.from_pylist(
-            [{"id": j, "image_id": image_id[c.image], "text": c.text} for j, c in enumerate(captions)],
-            schema=CAPTIONS_SCHEMA,
-        )
+        # plain columns first: building arrow tables from Python lists imports pandas, which an unchanged
+        # folder never needs
+        images_columns = {
+            "id": list(range(len(indexed))), "path": [r.state.path for r in indexed],
+            "bytes": [r.state.bytes for r in indexed], "mtime_ns": [r.state.mtime_ns for r in indexed],
+            "sha256": [r.sha256 for r in indexed], "width": [r.width for r in indexed],
+            "height": [r.height for r in indexed], "split": [split_of.get(r.state.path) for r in indexed],
+        }
+        captions_columns = {"id": list(range(len(captions))), "image_id": [image_id[c.image] for c in captions],
+                            "text": [c.text for c in captions]}
         report = BuildReport(self.index_dir.path, len(indexed), len(captions), embedded_images,
                              embedded_captions, skipped, up_to_date=False, seconds=0.0,
                              embedding_seconds=self.embedding_seconds)
-        if self._unchanged(images_table, captions_table, skipped):
+        if self._unchanged(images_columns, captions_columns, skipped):
             self.index_dir.clear_pending()  # left by a run killed after its commit point: nothing to resume
             report.up_to_date = True
             return report
 
         from vqa_search.core.faiss_index import build_faiss, choose_spec
+
+        images_table = pa.Table.from_pydict(
+            {name: images_columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA,
+        ).append_column("split", pa.array(images_columns["split"], pa.string()))
+        captions_table = pa.Table.from_pydict(captions_columns, schema=CAPTIONS_SCHEMA)
 
         image_vectors = np.stack([r.embedding for r in indexed]).astype(np.float32)
         image_spec = choose_spec(len(indexed), self.config.index_type)
@@ -341,7 +344,8 @@ class _Builder:
             return np.zeros((0, 0), np.float32), 0
         return np.stack([self.cache.by_text[t] for t in texts]).astype(np.float32), len(new)
 
-    def _unchanged(self, images: pa.Table, captions: pa.Table, skipped: list[dict]) -> bool:
+    def _unchanged(self, images: dict[str, list], captions: dict[str, list], skipped: list[dict]) -> bool:
+        """Whether the committed generation holds exactly these rows (columns by name), weights and skips."""
         if not self.index_dir.exists():
             return False
         manifest = self.index_dir.read_manifest()
@@ -350,9 +354,8 @@ class _Builder:
         if manifest["index"]["requested"] != self.config.index_type or manifest["skipped"] != skipped:
             return False
         gen = self.index_dir.generation(manifest["generation"])
-        return pq.read_table(gen / "images.parquet").equals(images) and pq.read_table(
-            gen / "captions.parquet"
-        ).equals(captions)
+        return (read_parquet(gen / "images.parquet").to_pydict() == images
+                and read_parquet(gen / "captions.parquet").to_pydict() == captions)
 
     def _manifest(self, dim: int, n_images: int, n_captions: int, index_specs: dict, skipped: list[dict]) -> dict:
         root = self.index_dir.path
