@@ -72,6 +72,32 @@ def load_rgb_bytes(data: bytes) -> LoadedImage:
     return LoadedImage(image, image.width, image.height)
 
 
+def load_rgb_member(tar: Path, offset: int, size: int, tar_state: tuple[int, int]) -> LoadedImage:
+    """`load_rgb` for a member of an uncompressed tar, read in place at `offset` (webdataset shards).
+
+    `tar_state` is the tar's (size, mtime_ns) when its members were listed: a tar rewritten since
+    would put other bytes at that offset, so it is skipped with a reason instead.
+    """
+    try:
+        data = read_member(tar, offset, size, tar_state)
+    except OSError as error:
+        raise ImageSkipped(_reason(error)) from error
+    return load_rgb_bytes(data)
+
+
+def read_member(tar: Path, offset: int, size: int, tar_state: tuple[int, int]) -> bytes:
+    """A tar member's bytes; OSError when the tar is gone, unreadable or changed since it was listed."""
+    with open_regular(tar) as handle:
+        stat = os.fstat(handle.fileno())
+        if (stat.st_size, stat.st_mtime_ns) != tuple(tar_state):
+            raise OSError(0, "tar file changed since it was read: index again")
+        handle.seek(offset)
+        data = handle.read(size)
+    if len(data) != size:
+        raise OSError(0, "truncated tar member")
+    return data
+
+
 def load_named_image(path: Path | str, what: str = "image") -> Image.Image:
     """A photo the user named (a query, a question's image): missing or unreadable is a one-line error."""
     path = Path(path)
