@@ -164,7 +164,7 @@ class _Update:
         shards = ShardWriter(self.dir, self.dir.shards, self.kind, rows_per_shard=self.config.rows_per_shard,
                              arrays=ARRAYS, schema=SHARD_SCHEMA, items="images", done="computed")
         run(reader, _Regions(self.extractor), _RegionShards(shards), self.config.progress,
-            f"regions ({self.extractor.name})")
+            f"regions ({self.extractor.name})", runner=self.config.runner)
 
     def _rows_file(self, manifest: dict) -> Path:
         return self.dir.generation(manifest["generation"]) / "rows.parquet"
