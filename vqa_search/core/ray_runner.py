@@ -10,6 +10,8 @@
   (`ray.get` in the actor's constructor), so every actor runs exactly the weights the driver checked
   and no worker needs a checkpoint or model cache of its own. With a GPU the actor moves it there
   (`mapper.to(device)`, when the mapper has it).
+- Rows carry each ref's position and the caller's key (a mapper may read it: regions look up
+  given boxes by path); results come back with the position, and the driver hands its own key on.
 - Writer: stays on the driver. Workers never write: they return results and the driver's writer
   (the index's or the region sets' `ShardWriter`) writes the shards, so the commit is the local
   runner's. Ray restarts a killed actor and retries its tasks (Ray Data's default max_restarts=-1,
@@ -143,7 +145,7 @@ def _default_actors(gpus_per_actor: float) -> int:
 
 def _ref_row(i: int, ref) -> dict:
     member = ref.member
-    return {"i": i, "path": str(ref.path), "offset": member.offset if member else NO_MEMBER,
+    return {"i": i, "key": ref.key, "path": str(ref.path), "offset": member.offset if member else NO_MEMBER,
             "size": member.size if member else 0, "tar_bytes": member.tar_bytes if member else 0,
             "tar_mtime_ns": member.tar_mtime_ns if member else 0}
 
@@ -160,13 +162,14 @@ class _Decode:
         from vqa_search.core.image_stream import ImageRef, TarMember, decode
 
         items, pixels = [], []
-        for i, path, offset, size, tar_bytes, tar_mtime_ns in zip(
-                rows["i"], rows["path"], rows["offset"], rows["size"], rows["tar_bytes"], rows["tar_mtime_ns"]):
+        for key, path, offset, size, tar_bytes, tar_mtime_ns in zip(
+                rows["key"], rows["path"], rows["offset"], rows["size"], rows["tar_bytes"], rows["tar_mtime_ns"]):
             member = TarMember(int(offset), int(size), int(tar_bytes), int(tar_mtime_ns)) if offset != NO_MEMBER else None
-            item, tensor = decode(ImageRef(Path(path), int(i), member), self.preprocess)
+            item, tensor = decode(ImageRef(Path(path), key, member), self.preprocess)
             items.append(item)
             pixels.append(tensor.numpy() if tensor is not None else np.zeros(0, np.float32))
-        return {**_item_columns(items), "pixels": _objects(pixels)}
+        return {"i": rows["i"], "key": _objects([item.key for item in items]), **_item_columns(items),
+                "pixels": _objects(pixels)}
 
 
 class _MapperActor:
@@ -188,8 +191,9 @@ class _MapperActor:
 
         from vqa_search.core.image_stream import DecodedBatch, DecodedItem
 
-        items = [DecodedItem(int(i), int(w), int(h), str(r) or None)
-                 for i, w, h, r in zip(batch["i"], batch["width"], batch["height"], batch["reason"])]
+        # the caller's keys travel with the rows: a mapper may use them (regions look up given boxes by path)
+        items = [DecodedItem(key, int(w), int(h), str(r) or None)
+                 for key, w, h, r in zip(batch["key"], batch["width"], batch["height"], batch["reason"])]
         pixels = [torch.from_numpy(np.asarray(p)) for item, p in zip(items, batch["pixels"]) if item.reason is None]
         decoded = DecodedBatch(items, (torch.stack(pixels) if self.stack else pixels) if pixels else None)
         with torch.no_grad():
@@ -202,7 +206,7 @@ class _MapperActor:
         per_item = [next(readable) if item.reason is None else (np.zeros(0, np.float32),) * width for item in items]
         columns = {f"result_{k}": _objects([p[k] for p in per_item]) for k in range(width)}
         is_tuple = bool(results) and isinstance(results[0], tuple)
-        return {**_item_columns(items), **columns, "is_tuple": np.full(len(items), is_tuple)}
+        return {"i": batch["i"], **_item_columns(items), **columns, "is_tuple": np.full(len(items), is_tuple)}
 
 
 def _parts(result) -> tuple:
@@ -217,8 +221,7 @@ def _parts(result) -> tuple:
 def _item_columns(items: list) -> dict:
     import numpy as np
 
-    return {"i": np.array([item.key for item in items], np.int64),
-            "width": np.array([item.width for item in items], np.int32),
+    return {"width": np.array([item.width for item in items], np.int32),
             "height": np.array([item.height for item in items], np.int32),
             "reason": np.array([item.reason or "" for item in items], dtype=object)}
 
