@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,8 @@ def run_on_ray(reader: ImageReader, mapper: Mapper, writer: Writer, runner: RayR
         context = DataContext.get_current()
         context.execution_options.preserve_order = True  # the writer sees reading order, as locally
         context.enable_progress_bars = False  # ours counts what the writer received
+        context.print_on_execution_start = False
+        context.enable_fallback_to_arrow_object_ext_type = True  # the caller's keys are Python objects
         actors = runner.actors or _default_actors(runner.gpus_per_actor)
         mapper_ref = ray.put(mapper)  # held here for the whole run, so a restarted actor can load it again
         rows = [_ref_row(i, ref) for i, ref in enumerate(refs)]
@@ -122,7 +125,7 @@ def _connect(runner: RayRunner) -> None:
     if ray.is_initialized():
         return
     try:
-        if runner.address is not None:
+        if runner.address is not None or os.environ.get("RAY_ADDRESS"):
             ray.init(address=runner.address, log_to_driver=False)
         else:
             ray.init(include_dashboard=False, log_to_driver=False)
