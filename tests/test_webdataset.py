@@ -80,7 +80,7 @@ def test_a_tar_rewritten_after_listing_is_skipped_not_misread(shards):
     tar = shards / "00000.tar"
     os.utime(tar, ns=(member.tar_mtime_ns + 10**9, member.tar_mtime_ns + 10**9))
     with pytest.raises(ImageSkipped, match="tar file changed since it was read"):
-        load_rgb_member(tar, member.offset, member.size, (member.tar_bytes, member.tar_mtime_ns))
+        load_rgb_member(tar, member)
 
 
 def test_index_of_shards_equals_the_same_photos_in_a_folder(shards, tmp_path, one_torch_thread):
@@ -104,3 +104,12 @@ def test_index_of_shards_equals_the_same_photos_in_a_folder(shards, tmp_path, on
     os.utime(shards / "00000.tar")  # touched: its members are hashed again, found, and not embedded
     touched = build_index(shards, BuildConfig(**tiny_config()))
     assert (touched.up_to_date, touched.embedded_images) == (False, 0)
+
+    from vqa_search.align.region_store import RegionSet, compute_regions
+    from vqa_search.align.regions import RegionConfig
+
+    settings = {"source": "clip-patches", "workers": 0, "progress": False}
+    assert compute_regions(shards, RegionConfig(**settings)).computed == 6  # members read in place here too
+    compute_regions(tmp_path / "photos", RegionConfig(**settings))
+    ours, reference = RegionSet.open(shards), RegionSet.open(tmp_path / "photos")
+    np.testing.assert_array_equal(ours.features(range(6)), reference.features(range(6)))

@@ -21,19 +21,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vqa_search.core.images import ImageSkipped, load_rgb, load_rgb_member
+from vqa_search.core.images import ImageSkipped, TarMember, load_rgb, load_rgb_member
 from vqa_search.core.store import close_inherited_locks
-
-
-@dataclass(frozen=True)
-class TarMember:
-    """Where a tar member's bytes sit in its (uncompressed) tar, and the tar's state when it was indexed:
-    a tar rewritten since then is refused rather than read at stale offsets."""
-
-    offset: int
-    size: int
-    tar_bytes: int
-    tar_mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -108,8 +97,7 @@ def decode(ref: ImageRef, preprocess: Callable) -> tuple[DecodedItem, torch.Tens
         if ref.member is None:
             loaded = load_rgb(ref.path)
         else:
-            member = ref.member
-            loaded = load_rgb_member(ref.path, member.offset, member.size, (member.tar_bytes, member.tar_mtime_ns))
+            loaded = load_rgb_member(ref.path, ref.member)
     except ImageSkipped as skipped:
         return DecodedItem(ref.key, reason=str(skipped)), None
     return DecodedItem(ref.key, loaded.width, loaded.height), preprocess(loaded.image)

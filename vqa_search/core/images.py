@@ -72,28 +72,35 @@ def load_rgb_bytes(data: bytes) -> LoadedImage:
     return LoadedImage(image, image.width, image.height)
 
 
-def load_rgb_member(tar: Path, offset: int, size: int, tar_state: tuple[int, int]) -> LoadedImage:
-    """`load_rgb` for a member of an uncompressed tar, read in place at `offset` (webdataset shards).
+@dataclass(frozen=True)
+class TarMember:
+    """Where a tar member's bytes sit in its (uncompressed) tar, and the tar's state when it was listed:
+    a tar rewritten since then is refused rather than read at stale offsets."""
 
-    `tar_state` is the tar's (size, mtime_ns) when its members were listed: a tar rewritten since
-    would put other bytes at that offset, so it is skipped with a reason instead.
-    """
+    offset: int
+    size: int
+    tar_bytes: int
+    tar_mtime_ns: int
+
+
+def load_rgb_member(tar: Path, member: TarMember) -> LoadedImage:
+    """`load_rgb` for a member of an uncompressed tar (webdataset shards), read in place, never extracted."""
     try:
-        data = read_member(tar, offset, size, tar_state)
+        data = read_member(tar, member)
     except OSError as error:
         raise ImageSkipped(_reason(error)) from error
     return load_rgb_bytes(data)
 
 
-def read_member(tar: Path, offset: int, size: int, tar_state: tuple[int, int]) -> bytes:
+def read_member(tar: Path, member: TarMember) -> bytes:
     """A tar member's bytes; OSError when the tar is gone, unreadable or changed since it was listed."""
     with open_regular(tar) as handle:
         stat = os.fstat(handle.fileno())
-        if (stat.st_size, stat.st_mtime_ns) != tuple(tar_state):
+        if (stat.st_size, stat.st_mtime_ns) != (member.tar_bytes, member.tar_mtime_ns):
             raise OSError(0, "tar file changed since it was read: index again")
-        handle.seek(offset)
-        data = handle.read(size)
-    if len(data) != size:
+        handle.seek(member.offset)
+        data = handle.read(member.size)
+    if len(data) != member.size:
         raise OSError(0, "truncated tar member")
     return data
 

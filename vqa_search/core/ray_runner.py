@@ -162,7 +162,8 @@ class _Decode:
     def __call__(self, rows: dict) -> dict:
         import numpy as np
 
-        from vqa_search.core.image_stream import ImageRef, TarMember, decode
+        from vqa_search.core.image_stream import ImageRef, decode
+        from vqa_search.core.images import TarMember
 
         items, pixels = [], []
         for key, path, offset, size, tar_bytes, tar_mtime_ns in zip(

@@ -19,14 +19,16 @@ import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
 
 from vqa_search.core.errors import UserError
 from vqa_search.core.files import not_regular_reason, open_regular, os_error_reason
 from vqa_search.core.identity import sha256_file
-from vqa_search.core.image_stream import ImageRef, TarMember
-from vqa_search.core.images import read_member
+from vqa_search.core.images import TarMember, read_member
 from vqa_search.core.store import FileState
+
+if TYPE_CHECKING:
+    from vqa_search.core.image_stream import ImageRef
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
@@ -82,11 +84,12 @@ class Dataset:
         member = self.members.get(path)
         if member is not None:
             tar = self.images_dir / _tar_of(path)
-            return hashlib.sha256(read_member(tar, member.offset, member.size,
-                                              (member.tar_bytes, member.tar_mtime_ns))).hexdigest()
+            return hashlib.sha256(read_member(tar, member)).hexdigest()
         return sha256_file(self.images_dir / path)
 
     def image_ref(self, path: str, key) -> ImageRef:
+        from vqa_search.core.image_stream import ImageRef  # imports torch: only when something is decoded
+
         member = self.members.get(path)
         if member is not None:
             return ImageRef(self.images_dir / _tar_of(path), key, member)
@@ -335,6 +338,15 @@ CAPTION_EXTENSION = "txt"
 def is_webdataset(root: Path) -> bool:
     """A folder with .tar files at its top and no caption file: webdataset shards (img2dataset's output)."""
     return find_caption_file(root) is None and any(path.is_file() for path in root.glob(TAR_PATTERN))
+
+
+def image_locator(images_dir: Path) -> Dataset:
+    """Where an indexed image's bytes are (`file_state`, `image_ref`), without scanning for new images:
+    the tars' members for webdataset shards (their headers are listed again), else files below images_dir."""
+    if is_webdataset(images_dir):
+        return read_webdataset(images_dir)
+    return Dataset(images_dir, images_dir, images=[], captions=[], splits={}, caption_source=None,
+                   missing_images=0, missing_captions=0)
 
 
 def read_webdataset(root: Path) -> Dataset:
