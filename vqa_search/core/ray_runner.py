@@ -9,7 +9,9 @@
 - Mapper: the caller's mapper object, put once in Ray's object store and loaded once per actor
   (`ray.get` in the actor's constructor), so every actor runs exactly the weights the driver checked
   and no worker needs a checkpoint or model cache of its own. With a GPU the actor moves it there
-  (`mapper.to(device)`, when the mapper has it).
+  (`mapper.to(device)`, when the mapper has it). It travels as the driver loaded it: a driver with a
+  GPU would ship CUDA tensors that CPU-only actors cannot load, so run the driver on a node without
+  one (the usual head node) or with CUDA_VISIBLE_DEVICES= set.
 - Rows carry each ref's position and the caller's key (a mapper may read it: regions look up
   given boxes by path); results come back with the position, and the driver hands its own key on.
 - Writer: stays on the driver. Workers never write: they return results and the driver's writer
@@ -19,7 +21,7 @@
   position to the writer once and skips repeats: no image is written twice. A driver that dies
   keeps what its writer flushed, and the next run computes only what no shard holds.
 
-Everything the driver does not need stays off it: only refs go out and results come back. The
+Only refs and keys go out and results come back: no pixels cross the driver. The
 commit (and, for the index, the FAISS build) stays on the driver. Ray is imported only here, only
 when run: it is an optional extra (`pip install 'vqa-search[ray]'`).
 """
@@ -74,7 +76,7 @@ def choose_runner(name: str, address: str | None = None, actors: int | None = No
 
 def run_on_ray(reader: ImageReader, mapper: Mapper, writer: Writer, runner: RayRunner, progress: bool = False,
                desc: str = "images") -> Writer:
-    """`runner.run` on Ray: the same `writer.add` calls, in the same order, then `writer.close()`."""
+    """`core.runner.run` on Ray: the same `writer.add` calls, in the same order, then `writer.close()`."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
