@@ -168,7 +168,7 @@ def index(
     index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search up to 50,000 vectors)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    runner: str = typer.Option("local", help=RUNNER_HELP),
+    runner_name: str = typer.Option("local", "--runner", help=RUNNER_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
     actors: Optional[int] = typer.Option(None, help=ACTORS_HELP),
     gpus_per_actor: Optional[float] = typer.Option(None, help=GPUS_PER_ACTOR_HELP),
@@ -188,7 +188,7 @@ def index(
         model=model, pretrained=pretrained, out=out, captions=captions, images=images, batch_size=batch_size,
         workers=workers, index_type=index_type, progress=not quiet,
         reembed=reembed,
-        runner=choose_runner(runner, ray_address, actors, gpus_per_actor),
+        runner=choose_runner(runner_name, ray_address, actors, gpus_per_actor),
     )
     report = build_index(dataset, config)
     if as_json:
@@ -408,7 +408,7 @@ def regions(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    runner: str = typer.Option("local", help=RUNNER_HELP),
+    runner_name: str = typer.Option("local", "--runner", help=RUNNER_HELP),
     ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
     actors: Optional[int] = typer.Option(None, help=ACTORS_HELP),
     gpus_per_actor: Optional[float] = typer.Option(None, help=GPUS_PER_ACTOR_HELP),
@@ -430,7 +430,7 @@ def regions(
     config = RegionConfig(
         source=source, detector=detector, detector_weights=detector_weights, regions=num_regions, proposals=proposals,
         batch_size=batch_size, workers=workers, progress=not quiet, boxes=boxes,
-        runner=choose_runner(runner, ray_address, actors, gpus_per_actor),
+        runner=choose_runner(runner_name, ray_address, actors, gpus_per_actor),
     )
     report = compute_regions(dataset, config)
     if as_json:
