@@ -77,6 +77,7 @@ def main() -> None:
 
     import ray
 
+    load_before = os.getloadavg()[0]
     data = read_dataset(SAMPLE)
     refs = [ImageRef(data.images_dir / path, path) for path in data.images]
     plan = plan_threads()
@@ -107,6 +108,7 @@ def main() -> None:
         "ray": {"version": ray.__version__, "init_s": round(ray_init_s, 1),
                 "actor": "one CPU each, torch on 1 thread; decoding fused into the actors' tasks (CPU only)"},
         "repeats": args.repeats, "medians": medians, "runs": runs,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},  # others on this shared machine
     }
     text = json.dumps(results, indent=2)
     print(text)
