@@ -26,6 +26,7 @@ from vqa_search.align.constants import DEFAULT_REGIONS, DEFAULT_TOP
 from vqa_search.core.atomic import write_json, write_json_lines, write_text
 from vqa_search.core.errors import NOT_WRITABLE, OUT_OF_SPACE, UserError
 from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from vqa_search.core.ray_runner import choose_runner
 from vqa_search.core.threads import MAX_WORKERS, plan_threads, threads_from_environment, torch_threads
 from vqa_search.vqa.answers import DEFAULT_VOCAB_SIZE
 from vqa_search.vqa.constants import DEFAULT_LOCAL_MODEL, DEFAULT_LOCAL_PRETRAINED, DEFAULT_TOP_ANSWERS
@@ -37,6 +38,11 @@ HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # inherited by every com
 WORKERS_HELP = (f"Decoding processes. Default: one core fewer than this process may use (at most {MAX_WORKERS}), "
                 "so that they and --threads never exceed the cores.")
 THREADS_HELP = "Torch threads. Default: OMP_NUM_THREADS if set, else the cores the decoding processes leave."
+RUNNER_HELP = ("local | ray: decode and encode on a Ray cluster (pip install 'vqa-search[ray]'); shards are "
+               "written and committed here either way.")
+RAY_ADDRESS_HELP = "Ray cluster to join (e.g. auto, or ray://head:10001). Default: RAY_ADDRESS, else start Ray here."
+ACTORS_HELP = "Ray actors running the model (each loads it once). Default: one per GPU share, else one per CPU."
+GPUS_PER_ACTOR_HELP = "GPUs per Ray actor (e.g. 1, or 0.5 to share one). Default: 0 (CPU)."
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -162,13 +168,18 @@ def index(
     index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search up to 50,000 vectors)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    runner_name: str = typer.Option("local", "--runner", help=RUNNER_HELP),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    actors: Optional[int] = typer.Option(None, help=ACTORS_HELP),
+    gpus_per_actor: Optional[float] = typer.Option(None, help=GPUS_PER_ACTOR_HELP),
 ) -> None:
-    """Embed a folder of images and its captions; run again to update it incrementally.
+    """Embed a folder of images (or webdataset .tar shards) and its captions; run again to update it incrementally.
 
     \b
     Examples:
       vqa-search index ./flickr8k
       vqa-search index ~/Pictures --out ~/pictures-index --batch-size 32
+      vqa-search index ./laion-shards --runner ray --ray-address auto --gpus-per-actor 1
     """
     from vqa_search.indexer.build import BuildConfig, build_index
 
@@ -177,6 +188,7 @@ def index(
         model=model, pretrained=pretrained, out=out, captions=captions, images=images, batch_size=batch_size,
         workers=workers, index_type=index_type, progress=not quiet,
         reembed=reembed,
+        runner=choose_runner(runner_name, ray_address, actors, gpus_per_actor),
     )
     report = build_index(dataset, config)
     if as_json:
@@ -396,6 +408,10 @@ def regions(
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    runner_name: str = typer.Option("local", "--runner", help=RUNNER_HELP),
+    ray_address: Optional[str] = typer.Option(None, help=RAY_ADDRESS_HELP),
+    actors: Optional[int] = typer.Option(None, help=ACTORS_HELP),
+    gpus_per_actor: Optional[float] = typer.Option(None, help=GPUS_PER_ACTOR_HELP),
 ) -> None:
     """Compute K region features per indexed image for the stage-2 re-ranker; run again to update.
 
@@ -405,6 +421,7 @@ def regions(
       vqa-search regions ./shapes --source clip-patches
       vqa-search regions ./shapes --boxes ./shapes/boxes.json --source clip-crops
       vqa-search regions ./shapes --detector-weights shapes-det.safetensors --proposals 100
+      vqa-search regions ./flickr8k --source clip-patches --runner ray --ray-address auto
     """
     from vqa_search.align.region_store import compute_regions
     from vqa_search.align.regions import RegionConfig
@@ -413,6 +430,7 @@ def regions(
     config = RegionConfig(
         source=source, detector=detector, detector_weights=detector_weights, regions=num_regions, proposals=proposals,
         batch_size=batch_size, workers=workers, progress=not quiet, boxes=boxes,
+        runner=choose_runner(runner_name, ray_address, actors, gpus_per_actor),
     )
     report = compute_regions(dataset, config)
     if as_json:

@@ -33,10 +33,11 @@ from vqa_search import __version__
 from vqa_search.align.constants import REGIONS_DIR  # light: `info` reads it too
 from vqa_search.align.regions import GEOMETRY, GivenBoxes, RegionConfig, RegionExtractor, load_extractor
 from vqa_search.core.errors import UserError
-from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader, ImageRef
+from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader
 from vqa_search.core.runner import run
 from vqa_search.core.store import FileState, GenerationDir, IndexDir, ShardWriter, shard_file
 from vqa_search.core.identity import ModelIdentity
+from vqa_search.indexer.datasets import Dataset, image_locator
 from vqa_search.retrieval.searcher import Index, find_index
 
 FORMAT_VERSION = 1
@@ -156,15 +157,15 @@ class _Update:
     def _compute(self, states: list[FileState]) -> None:
         if not states:
             return
-        images_root = self.index.images_root
-        _check_unchanged(images_root, states)
-        reader = ImageReader([ImageRef(images_root / state.path, state) for state in states],
+        files = image_locator(self.index.images_root)  # files on disk, or the members of webdataset tars
+        _check_unchanged(files, states)
+        reader = ImageReader([files.image_ref(state.path, state) for state in states],
                              self.extractor.preprocess, self.config.batch_size, self.config.workers,
                              stack=self.extractor.stack)
         shards = ShardWriter(self.dir, self.dir.shards, self.kind, rows_per_shard=self.config.rows_per_shard,
                              arrays=ARRAYS, schema=SHARD_SCHEMA, items="images", done="computed")
         run(reader, _Regions(self.extractor), _RegionShards(shards), self.config.progress,
-            f"regions ({self.extractor.name})")
+            f"regions ({self.extractor.name})", runner=self.config.runner)
 
     def _rows_file(self, manifest: dict) -> Path:
         return self.dir.generation(manifest["generation"]) / "rows.parquet"
@@ -314,14 +315,14 @@ def identity_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _check_unchanged(images_root: Path, states: list[FileState]) -> None:
+def _check_unchanged(files: Dataset, states: list[FileState]) -> None:
     """Regions must describe the pixels the index embedded, or stage 2 would pair two different images."""
     for state in states:
         try:
-            stat = (images_root / state.path).stat()
-        except FileNotFoundError:
-            stat = None
-        if stat is None or (stat.st_size, stat.st_mtime_ns) != (state.bytes, state.mtime_ns):
+            unchanged = files.file_state(state.path) == state
+        except OSError:
+            unchanged = False
+        if not unchanged:
             raise UserError(f"{state.path} changed since it was indexed: run `vqa-search index` on the dataset "
                             "again first")
 

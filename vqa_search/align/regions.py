@@ -51,6 +51,7 @@ from vqa_search.core.encode import autocast, encode_image_batch
 from vqa_search.core.errors import UserError
 from vqa_search.core.threads import default_workers
 from vqa_search.core.models import Clip, default_device, host_reachable, read_state_dict
+from vqa_search.core.ray_runner import RayRunner
 from vqa_search.core.files import open_regular
 from vqa_search.core.identity import sha256_file
 
@@ -78,6 +79,7 @@ class RegionConfig:
     rows_per_shard: int = 256  # shards are also flushed every 30 s, so a crash loses at most that much
     progress: bool = True
     boxes: Path | None = None  # a COCO-format boxes file: given boxes instead of detections
+    runner: RayRunner | None = None  # where images are decoded and regions computed (core/ray_runner.py); None: here
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Decoding runs in DataLoader worker processes while the model encodes the previous batch. Each file
 is named by an `ImageRef`: its path and a key the caller chooses (a relative path, a file state, a
 position), handed back unchanged with the result, so nothing here knows what the caller stores.
-An unreadable file is not an error: it comes back in order with the reason `load_rgb` gave.
+A ref may also name a member of an uncompressed tar (webdataset shards): its bytes are read in
+place at their offset, never extracted. An unreadable file is not an error: it comes back in order
+with the reason `load_rgb` gave. `decode` is the one way a ref becomes pixels, here and on Ray.
 
 Everything here is a plain picklable object without global state: the reader holds what to read and
 how, and builds its DataLoader only when iterated (see `core/runner.py` for the other roles).
@@ -19,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vqa_search.core.images import ImageSkipped, load_rgb
+from vqa_search.core.images import ImageSkipped, TarMember, load_rgb, load_rgb_member
 from vqa_search.core.store import close_inherited_locks
 
 
@@ -27,8 +29,9 @@ from vqa_search.core.store import close_inherited_locks
 class ImageRef:
     """A file to read, and the caller's key for it (returned with its result or skip reason)."""
 
-    path: Path
+    path: Path  # the image file, or the tar that holds `member`
     key: Any
+    member: TarMember | None = None
 
 
 @dataclass(frozen=True)
@@ -85,12 +88,19 @@ class _DecodedFiles(Dataset):
         return len(self.refs)
 
     def __getitem__(self, i: int) -> tuple[DecodedItem, torch.Tensor | None]:
-        ref = self.refs[i]
-        try:
+        return decode(self.refs[i], self.preprocess)
+
+
+def decode(ref: ImageRef, preprocess: Callable) -> tuple[DecodedItem, torch.Tensor | None]:
+    """One file (or tar member) decoded and preprocessed, or its skip reason."""
+    try:
+        if ref.member is None:
             loaded = load_rgb(ref.path)
-        except ImageSkipped as skipped:
-            return DecodedItem(ref.key, reason=str(skipped)), None
-        return DecodedItem(ref.key, loaded.width, loaded.height), self.preprocess(loaded.image)
+        else:
+            loaded = load_rgb_member(ref.path, ref.member)
+    except ImageSkipped as skipped:
+        return DecodedItem(ref.key, reason=str(skipped)), None
+    return DecodedItem(ref.key, loaded.width, loaded.height), preprocess(loaded.image)
 
 
 def _collate(decoded: list[tuple[DecodedItem, torch.Tensor | None]], stack: bool = True) -> DecodedBatch:

@@ -72,6 +72,39 @@ def load_rgb_bytes(data: bytes) -> LoadedImage:
     return LoadedImage(image, image.width, image.height)
 
 
+@dataclass(frozen=True)
+class TarMember:
+    """Where a tar member's bytes sit in its (uncompressed) tar, and the tar's state when it was listed:
+    a tar rewritten since then is refused rather than read at stale offsets."""
+
+    offset: int
+    size: int
+    tar_bytes: int
+    tar_mtime_ns: int
+
+
+def load_rgb_member(tar: Path, member: TarMember) -> LoadedImage:
+    """`load_rgb` for a member of an uncompressed tar (webdataset shards), read in place, never extracted."""
+    try:
+        data = read_member(tar, member)
+    except OSError as error:
+        raise ImageSkipped(_reason(error)) from error
+    return load_rgb_bytes(data)
+
+
+def read_member(tar: Path, member: TarMember) -> bytes:
+    """A tar member's bytes; OSError when the tar is gone, unreadable or changed since it was listed."""
+    with open_regular(tar) as handle:
+        stat = os.fstat(handle.fileno())
+        if (stat.st_size, stat.st_mtime_ns) != (member.tar_bytes, member.tar_mtime_ns):
+            raise OSError(0, "tar file changed since it was read: index again")
+        handle.seek(member.offset)
+        data = handle.read(member.size)
+    if len(data) != member.size:
+        raise OSError(0, "truncated tar member")
+    return data
+
+
 def load_named_image(path: Path | str, what: str = "image") -> Image.Image:
     """A photo the user named (a query, a question's image): missing or unreadable is a one-line error."""
     path = Path(path)

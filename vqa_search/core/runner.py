@@ -8,12 +8,14 @@
   in memory; the index and the region sets write shards).
 
 The roles are plain picklable objects without global state, so that another engine can run them
-elsewhere; `run` is the one loop, here in this process with a progress bar.
+elsewhere; `run` is the one loop, here in this process with a progress bar, or with `runner=RayRunner(...)`
+as a Ray Data pipeline on a cluster (`core/ray_runner.py`): decoding and the mapper run on the
+workers, the writer stays here, so features choose the engine by passing one argument.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from vqa_search.core.encode import encode_image_batch
 from vqa_search.core.image_stream import DecodedBatch, DecodedItem, ImageReader
 from vqa_search.core.models import Clip
+from vqa_search.core.ray_runner import RayRunner, run_on_ray
 
 
 class Mapper(Protocol):
@@ -48,6 +51,10 @@ class ClipImageMapper:
     def __call__(self, batch: DecodedBatch) -> np.ndarray:
         return self.encode(self.clip, batch.pixels)
 
+    def to(self, device: torch.device) -> "ClipImageMapper":
+        """On `device` (a Ray actor's GPU): the optional method an engine calls on a mapper it shipped."""
+        return replace(self, clip=replace(self.clip, model=self.clip.model.to(device), device=device))
+
 
 @dataclass
 class Collector:
@@ -71,8 +78,15 @@ class Collector:
         return torch.stack(rows) if isinstance(rows[0], torch.Tensor) else np.stack(rows)
 
 
-def run(reader: ImageReader, mapper: Mapper, writer: Writer, progress: bool = False, desc: str = "images") -> Writer:
-    """Decode, map and write every item of `reader`, in order; returns `writer`. Never trains (no autograd)."""
+def run(reader: ImageReader, mapper: Mapper, writer: Writer, progress: bool = False, desc: str = "images",
+        runner: RayRunner | None = None) -> Writer:
+    """Decode, map and write every item of `reader`, in order; returns `writer`. Never trains (no autograd).
+
+    With a `RayRunner` the reader and the mapper run on a Ray cluster and the writer here, with the
+    same calls in the same order (see `core/ray_runner.py`).
+    """
+    if runner is not None:
+        return run_on_ray(reader, mapper, writer, runner, progress, desc)
     bar = tqdm(total=len(reader), unit="img", desc=desc, disable=not progress, smoothing=0.1)
     try:
         for batch in reader:

@@ -25,6 +25,7 @@ from vqa_search.core.errors import UserError
 from vqa_search.core.files import os_error_reason
 from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Dataset, read_dataset
 from vqa_search.core.threads import default_workers
+from vqa_search.core.ray_runner import RayRunner
 from vqa_search.core.store import (
     CAPTIONS_SCHEMA,
     DEFAULT_DIR_NAME,
@@ -38,7 +39,7 @@ from vqa_search.core.store import (
     read_parquet,
 )
 from vqa_search.core.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, find_recorded_weights,
-                                      resolve_identity, sha256_file)
+                                      resolve_identity)
 
 # torch, open_clip and FAISS are imported when something is embedded or committed: an unchanged folder
 # is checked without them (the scan, the manifest and two parquet files), in well under a second.
@@ -77,6 +78,7 @@ class BuildConfig:
     rows_per_shard: int = 1024
     progress: bool = True
     reembed: bool = False  # allow other weights than the index's: every image and caption is embedded again
+    runner: RayRunner | None = None  # where images are decoded and embedded (core/ray_runner.py); None: here
 
 
 @dataclass
@@ -281,13 +283,12 @@ class _Builder:
         to_embed: list[ImageRecord] = []
         for path in self.data.images:
             try:
-                stat = (self.data.images_dir / path).stat()
-                state = FileState(path, stat.st_size, stat.st_mtime_ns)
+                state = self.data.file_state(path)
                 known = self.cache.by_state.get(state)
                 if known is not None:
                     records[path] = known
                     continue
-                sha = sha256_file(self.data.images_dir / path)
+                sha = self.data.content_sha256(path)
             except OSError as error:  # changed since the scan: deleted, replaced by a FIFO, unreadable
                 records[path] = ImageRecord(FileState(path, 0, 0), "", reason=os_error_reason(error))
                 continue
@@ -305,17 +306,17 @@ class _Builder:
     def _embed_images(self, pending: list[ImageRecord]) -> list[ImageRecord]:
         if not pending:
             return []
-        from vqa_search.core.image_stream import ImageReader, ImageRef
+        from vqa_search.core.image_stream import ImageReader
         from vqa_search.core.runner import ClipImageMapper, run
 
         clip = self.clip
         started = time.perf_counter()
-        reader = ImageReader([ImageRef(self.data.images_dir / record.state.path, record) for record in pending],
+        reader = ImageReader([self.data.image_ref(record.state.path, record) for record in pending],
                              clip.preprocess, self.config.batch_size, self.config.workers)
         shards = _ImageShards(self.index_dir.shard_writer("images", self.identity,
                                                           rows_per_shard=self.config.rows_per_shard))
         # encode_image_batch named here, where tests replace it to kill a run midway
-        run(reader, ClipImageMapper(clip, encode_image_batch), shards, self.config.progress)
+        run(reader, ClipImageMapper(clip, encode_image_batch), shards, self.config.progress, runner=self.config.runner)
         self.embedding_seconds["images"] = time.perf_counter() - started
         return shards.done
 

@@ -1,4 +1,5 @@
-"""Read an image folder and its captions: Flickr8k/Flickr30k/COCO layouts, or any folder of pictures.
+"""Read an image folder and its captions: Flickr8k/Flickr30k/COCO layouts, any folder of pictures, or
+webdataset tar shards (what img2dataset writes: 00000.tar, ... holding {key}.jpg, {key}.txt, {key}.json).
 
 Caption files often describe more images than are on disk (partial downloads, samples), so names
 are matched against a directory scan and the unmatched ones are counted rather than treated as
@@ -9,16 +10,25 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import json
+import logging
 import os
 import re
+import tarfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Iterable, Iterator, TextIO
 
 from vqa_search.core.errors import UserError
-from vqa_search.core.files import not_regular_reason, os_error_reason
+from vqa_search.core.files import not_regular_reason, open_regular, os_error_reason
+from vqa_search.core.identity import sha256_file
+from vqa_search.core.images import TarMember, read_member
+from vqa_search.core.store import FileState
+
+if TYPE_CHECKING:
+    from vqa_search.core.image_stream import ImageRef
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
 
@@ -55,6 +65,35 @@ class Dataset:
     missing_captions: int  # captions dropped because their image is missing
     split_missing: dict[str, int] = field(default_factory=dict)  # per split, images it names not on disk
     unreadable: dict[str, str] = field(default_factory=dict)  # image-named entries that are not readable files
+    # webdataset shards: image path ("00000.tar/key.jpg") -> where its bytes are; {} for files on disk
+    members: dict[str, TarMember] = field(default_factory=dict)
+
+    # Where an image's bytes are, for the builder: a file below images_dir, or a member of a tar there.
+
+    def file_state(self, path: str) -> FileState:
+        """What says whether the image changed without reading it: the file's size and mtime, or for a
+        tar member its size and the tar's mtime (a rewritten tar re-hashes its members; equal content
+        is still found by hash and not embedded again). OSError when the file is gone."""
+        member = self.members.get(path)
+        if member is not None:
+            return FileState(path, member.size, member.tar_mtime_ns)
+        stat = (self.images_dir / path).stat()
+        return FileState(path, stat.st_size, stat.st_mtime_ns)
+
+    def content_sha256(self, path: str) -> str:
+        member = self.members.get(path)
+        if member is not None:
+            tar = self.images_dir / _tar_of(path)
+            return hashlib.sha256(read_member(tar, member)).hexdigest()
+        return sha256_file(self.images_dir / path)
+
+    def image_ref(self, path: str, key) -> ImageRef:
+        from vqa_search.core.image_stream import ImageRef  # imports torch: only when something is decoded
+
+        member = self.members.get(path)
+        if member is not None:
+            return ImageRef(self.images_dir / _tar_of(path), key, member)
+        return ImageRef(self.images_dir / path, key)
 
 
 @dataclass
@@ -74,6 +113,8 @@ def read_dataset(root: Path | str, captions: Path | str | None = None,
             raise UserError(f"the dataset must be a folder, and {root} is not one: pass the folder that holds the "
                             "images (a caption file goes to --captions)")
         raise UserError(f"dataset folder not found: {root}")
+    if images is None and captions is None and is_webdataset(root):
+        return read_webdataset(root)
     images_dir = _existing_dir(Path(images)) if images is not None else find_images_dir(root)
     caption_source = _existing_file(Path(captions)) if captions is not None else find_caption_file(root)
     named = _read_caption_file(caption_source) if caption_source else _Named([])
@@ -281,3 +322,117 @@ def _existing_file(path: Path) -> Path:
                             "(captions.txt, Flickr8k.token.txt or dataset_*.json)")
         raise UserError(f"caption file not found: {path}")
     return path
+
+
+# ---- webdataset shards ---------------------------------------------------------------------------
+#
+# Read with Python's tarfile, not the `webdataset` package: webdataset streams samples in order, but
+# the index needs records that point into a tar (offset and size of each image's bytes) so that any
+# image can be decoded, hashed or re-checked alone, on any worker, without extracting or re-reading
+# the tar; listing a tar's headers gives exactly that, with no dependency.
+
+TAR_PATTERN = "*.tar"
+CAPTION_EXTENSION = "txt"
+
+
+def is_webdataset(root: Path) -> bool:
+    """A folder with .tar files at its top and no caption file: webdataset shards (img2dataset's output)."""
+    return find_caption_file(root) is None and any(path.is_file() for path in root.glob(TAR_PATTERN))
+
+
+def image_locator(images_dir: Path) -> Dataset:
+    """Where an indexed image's bytes are (`file_state`, `image_ref`), without scanning for new images:
+    the tars' members for webdataset shards (their headers are listed again), else files below images_dir."""
+    if is_webdataset(images_dir):
+        return read_webdataset(images_dir)
+    return Dataset(images_dir, images_dir, images=[], captions=[], splits={}, caption_source=None,
+                   missing_images=0, missing_captions=0)
+
+
+def read_webdataset(root: Path) -> Dataset:
+    """Every image member of the folder's tars, its caption from the sample's .txt member.
+
+    A sample is the members that share a key (the name up to the first dot of its last part):
+    {key}.jpg, {key}.txt, {key}.json. Image paths are "<tar>/<member>", relative to `root`. Members
+    are never extracted; names that could escape a folder (absolute, or with ..) are refused and
+    listed with the reason, as are links and other non-files.
+    """
+    tars = sorted(path for path in root.glob(TAR_PATTERN) if path.is_file() and not path.name.startswith("."))
+    members: dict[str, TarMember] = {}
+    captions: list[Caption] = []
+    unreadable: dict[str, str] = {}
+    for tar in tars:
+        _read_tar(tar, root, members, captions, unreadable)
+    loose = sorted(entry.name for entry in os.scandir(root) if entry.is_file() and _is_image_name(entry.name))
+    if loose:
+        logging.getLogger("vqa_search").warning(
+            "%s holds webdataset tars: its %d loose image files (e.g. %s) are not indexed; index them as a "
+            "folder of their own", root, len(loose), loose[0])
+    images = sorted(members)
+    return Dataset(root=root, images_dir=root, images=images, captions=captions, splits={}, caption_source=None,
+                   missing_images=0, missing_captions=0, unreadable=dict(sorted(unreadable.items())),
+                   members={path: members[path] for path in images})
+
+
+def _read_tar(tar: Path, root: Path, members: dict[str, TarMember], captions: list[Caption],
+              unreadable: dict[str, str]) -> None:
+    name = tar.relative_to(root).as_posix()
+    images: dict[str, str] = {}  # sample -> image path
+    texts: dict[str, tarfile.TarInfo] = {}  # sample -> its .txt member
+    try:
+        with open_regular(tar) as handle:
+            stat = os.fstat(handle.fileno())
+            with tarfile.open(fileobj=handle, mode="r:") as archive:  # reads headers, seeks over the data
+                for info in archive.getmembers():
+                    member = PurePosixPath(info.name)
+                    key, _, extension = member.name.partition(".")
+                    is_image = _is_image_name(member.name)
+                    if not (is_image or extension.lower() == CAPTION_EXTENSION):
+                        continue  # .json and anything else: metadata the index does not use
+                    shown = f"{name}/{printable_path(info.name)}"
+                    reason = _unsafe_member_reason(info)
+                    if reason is not None:
+                        if is_image:
+                            unreadable[shown] = reason
+                        continue
+                    sample = str(member.parent / key)
+                    if is_image:
+                        members[shown] = TarMember(info.offset_data, info.size, stat.st_size, stat.st_mtime_ns)
+                        images[sample] = shown
+                    else:
+                        texts[sample] = info
+                for sample, image in images.items():
+                    text = _member_text(archive, texts[sample], f"{name}/{texts[sample].name}") if sample in texts else ""
+                    if text:
+                        captions.append(Caption(image, text))
+    except (tarfile.TarError, EOFError) as error:
+        raise UserError(f"{name}: not a readable uncompressed tar ({error})") from None
+    except OSError as error:
+        unreadable[name] = os_error_reason(error)
+
+
+def _unsafe_member_reason(info: tarfile.TarInfo) -> str | None:
+    """Why a member is refused: a name that could escape a folder, undecodable bytes, or not a plain file."""
+    path = PurePosixPath(info.name)
+    if path.is_absolute() or ".." in path.parts or "\\" in info.name:
+        return "unsafe member name (absolute, or with ..): refused"
+    if printable_path(info.name) != info.name:
+        return "member name is not valid UTF-8"
+    if not info.isreg():
+        return "not a regular file in the tar (a link, folder or device)"
+    return None
+
+
+def _member_text(archive: tarfile.TarFile, info: tarfile.TarInfo, shown: str) -> str:
+    """A sample's caption: the .txt member as UTF-8, read from the tar (never written to disk)."""
+    handle = archive.extractfile(info)
+    data = handle.read() if handle is not None else b""
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise UserError(f"{shown}: not UTF-8 text ({error.reason})") from None
+
+
+def _tar_of(path: str) -> str:
+    """The tar of a member's image path: "00000.tar/abc.jpg" -> "00000.tar" (tars sit at the dataset's top)."""
+    return path.split("/", 1)[0]
