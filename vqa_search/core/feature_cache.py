@@ -41,6 +41,7 @@ from vqa_search.core.atomic import current_umask, new_file_mode, write_json
 from vqa_search.core.errors import UserError
 from vqa_search.core.identity import ModelIdentity
 from vqa_search.core.image_stream import DecodedItem
+from vqa_search.core.store import DEFAULT_DIR_NAME
 
 CACHE_MODES = ("auto", "memory", "disk")
 CACHE_DIR_NAME = "feature-cache"
@@ -151,6 +152,16 @@ class FeatureCache:
         self.mode = config.mode
         self.directory = Path(config.directory or default_directory).expanduser()
 
+    @classmethod
+    def for_dataset(cls, mode: str, directory: Path | None, dataset: Path | str) -> "FeatureCache":
+        """A training job's cache: in `directory` (--cache-dir), by default beside the dataset's index."""
+        return cls(CacheConfig(mode, directory), Path(dataset) / DEFAULT_DIR_NAME / CACHE_DIR_NAME)
+
+    def in_memory(self, nbytes: int) -> bool:
+        """Whether data of this size is held in RAM: always in memory mode, never in disk mode, and in
+        auto mode when it is at most MEMORY_SHARE of the memory available now."""
+        return self.mode == "memory" or (self.mode == "auto" and nbytes <= MEMORY_SHARE * available_memory())
+
     def entry(self, kind: str, weights: ModelIdentity, **details: Any) -> "CacheEntry":
         """The entry of `kind` produced by `weights` with `details` (frozen depth, dtype, items' digest...)."""
         producer = {"format": FORMAT, "version": __version__, "kind": kind, "weights": weights.to_json(),
@@ -258,8 +269,20 @@ class EntryBuilder:
             self.staging = None
 
     def _to_disk(self, nbytes: int) -> bool:
-        mode = self.entry.cache.mode
-        return mode == "disk" or (mode == "auto" and nbytes > MEMORY_SHARE * available_memory())
+        return not self.entry.cache.in_memory(nbytes)
+
+
+def computed_rows(entry: CacheEntry, reader, mapper, dtype, progress: bool = False, desc: str = "images") -> Stored:
+    """The entry's committed rows, or the runner's results for `reader` written into a new entry: array
+    "rows" (one per readable item, in reading order), meta "keys" (str of each item's key), "skipped"."""
+    from vqa_search.core.runner import run  # the runner imports the model code; the cache itself does not
+
+    stored = entry.load()
+    if stored is not None:
+        return stored
+    with entry.build() as builder:
+        run(reader, mapper, RowWriter(builder, "rows", len(reader), dtype), progress, desc)
+    return builder.stored
 
 
 class RowWriter:
