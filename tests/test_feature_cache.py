@@ -208,3 +208,17 @@ def test_auto_goes_to_disk_above_half_the_available_memory(tmp_path, monkeypatch
     assert not FeatureCache(CacheConfig("disk"), tmp_path).in_memory(1)
     with pytest.raises(feature_cache.UserError, match="--cache must be one of auto, memory, disk"):
         FeatureCache(CacheConfig("ram"), tmp_path)
+
+
+@pytest.mark.parametrize("command", [["finetune", "--out", "x.safetensors"], ["rerank"],
+                                     ["vqa", "--out", "x.safetensors"]])
+def test_cli_refuses_an_unknown_cache_mode_in_one_line(world, tmp_path, command):
+    from typer.testing import CliRunner
+
+    from vqa_search.cli import app
+
+    name, *options = command
+    result = CliRunner().invoke(app, ["train", name, str(world), *options, "--model", TINY_MODEL, "--pretrained",
+                                      "none", "--cache", "ram", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --cache must be one of auto, memory, disk (got 'ram')"
