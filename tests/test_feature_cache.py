@@ -90,15 +90,17 @@ def test_stage1_unfreeze_last_trains_the_same_epoch_from_disk_as_from_memory(wor
     _same_weights(memory.checkpoint, again.checkpoint)
 
 
-def test_vqa_head_trains_the_same_epoch_from_disk_as_from_memory(world, tmp_path, monkeypatch):
-    config = VqaTrainConfig(variant="dual-attention", model=TINY_MODEL, pretrained="none", local_model=TINY_MODEL,
+@pytest.mark.parametrize("variant, cached", [("dual-attention", ["vqa-image-vectors", "vqa-local-streams"]),
+                                             ("regions", ["vqa-image-vectors", "vqa-regions"])])
+def test_vqa_head_trains_the_same_epoch_from_disk_as_from_memory(world, tmp_path, monkeypatch, variant, cached):
+    config = VqaTrainConfig(variant=variant, model=TINY_MODEL, pretrained="none", local_model=TINY_MODEL,
                             local_pretrained="none", unfreeze_last=1, epochs=1, batch_size=32, hidden=32,
                             workers=0, cache_dir=tmp_path / "cache")
     memory = train_vqa(world, tmp_path / "memory.safetensors", VqaTrainConfig(**{**vars(config), "cache": "memory"}),
                        progress=False)
     disk = train_vqa(world, tmp_path / "disk.safetensors", VqaTrainConfig(**{**vars(config), "cache": "disk"}),
                      progress=False)
-    assert [name.split("-")[1] for name in _entries(tmp_path / "cache")] == ["image", "local"]
+    assert [name.rsplit("-", 1)[0] for name in _entries(tmp_path / "cache")] == cached
     assert _history(memory) == _history(disk)
     _same_weights(tmp_path / "memory.safetensors", tmp_path / "disk.safetensors")
 

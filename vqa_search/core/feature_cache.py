@@ -162,10 +162,11 @@ class FeatureCache:
         auto mode when it is at most MEMORY_SHARE of the memory available now."""
         return self.mode == "memory" or (self.mode == "auto" and nbytes <= MEMORY_SHARE * available_memory())
 
-    def entry(self, kind: str, weights: ModelIdentity, **details: Any) -> "CacheEntry":
-        """The entry of `kind` produced by `weights` with `details` (frozen depth, dtype, items' digest...)."""
-        producer = {"format": FORMAT, "version": __version__, "kind": kind, "weights": weights.to_json(),
-                    **details}
+    def entry(self, kind: str, weights: ModelIdentity | None, **details: Any) -> "CacheEntry":
+        """The entry of `kind` produced by `weights` with `details` (frozen depth, dtype, items' digest...);
+        `weights` None when `details` name the producer whole (a region set's extractor identity)."""
+        producer = {"format": FORMAT, "version": __version__, "kind": kind,
+                    "weights": None if weights is None else weights.to_json(), **details}
         key = hashlib.sha256(json.dumps(producer, sort_keys=True).encode()).hexdigest()[:24]
         return CacheEntry(self, kind, producer, self.directory / f"{kind}-{key}")
 

@@ -131,7 +131,7 @@ class ImageFeatures:
     global_vectors: torch.Tensor  # (images, D) float32, L2-normalised
     local_streams: np.ndarray | None  # (images, tokens, W) float16: LocalTower.prefix, in RAM or memory-mapped
     skipped: dict[Path, str]  # unreadable file -> reason
-    regions: torch.Tensor | None = None  # (images, K, F) float16: the regions head's region features
+    regions: np.ndarray | None = None  # (images, K, F) float16: the regions head's region features (maybe mapped)
 
     def take(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
                                                     torch.Tensor | None]:
@@ -140,7 +140,7 @@ class ImageFeatures:
         rows = torch.tensor([self.rows[image] for image in images])
         distinct, inverse = torch.unique(rows, return_inverse=True)
         streams = None if self.local_streams is None else take(self.local_streams, distinct)
-        regions = None if self.regions is None else self.regions[distinct]
+        regions = None if self.regions is None else take(self.regions, distinct)
         return self.global_vectors[rows], streams, inverse, regions
 
 
@@ -173,9 +173,25 @@ def image_features(clip: Clip, local: LocalTower | None, images: Sequence[Path],
         streams = local_found.rows("rows")
     if skipped:
         log.warning("%d unreadable images left out, e.g. %s: %s", len(skipped), *next(iter(skipped.items())))
-    # float16, as the set stores them: an image gets the same features inside the index or out
-    region_rows = None if regions is None else region_features(regions, list(rows)).half()
+    region_rows = None if regions is None else _cached_regions(cache, regions, list(rows), images_digest)
     return ImageFeatures(rows, vectors, streams, skipped, region_rows)
+
+
+def _cached_regions(cache: FeatureCache, regions: RegionSet, images: list[Path], images_digest: str,
+                    chunk: int = 1024) -> np.ndarray:
+    """`region_features` of the images, written chunk by chunk into a cache entry as float16, as the set
+    stores them: an image gets the same features inside the index or out."""
+    entry = cache.entry("vqa-regions", None, extractor=regions.manifest["extractor"], dtype="float16",
+                        images=images_digest)
+    stored = entry.load()
+    if stored is None:
+        with entry.build() as builder:
+            builder.meta["rows"] = len(images)
+            out = builder.array("rows", (len(images), regions.num_regions, regions.feature_dim), np.float16)
+            for start in range(0, len(images), chunk):
+                out[start:start + chunk] = region_features(regions, images[start:start + chunk]).half().numpy()
+        stored = builder.stored
+    return stored.rows("rows")
 
 
 @dataclass
