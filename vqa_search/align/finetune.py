@@ -224,9 +224,10 @@ class _TrainImages:
         reader = ImageReader([ImageRef(data.images_dir / path, path) for path in paths], clip.preprocess,
                              config.batch_size, config.workers)
         if keep:
-            if frozen is None:
+            if frozen is None:  # pixels: in RAM as before (decoded again every epoch when they do not fit)
                 cache = FeatureCache(CacheConfig("memory"), cache.directory)
-            entry = cache.entry("finetune-image-prefix", clip.identity, frozen_blocks=frozen,
+            kind = "finetune-pixels" if frozen is None else "finetune-image-prefix"
+            entry = cache.entry(kind, clip.identity, frozen_blocks=frozen,
                                 dtype=np.dtype(STREAM_DTYPE).name,
                                 images=file_states_digest([data.images_dir / path for path in paths]))
             found = computed_rows(entry, reader, _TrainInputs(clip, frozen, keep), STREAM_DTYPE, progress,
