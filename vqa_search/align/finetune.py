@@ -45,8 +45,8 @@ from torch.nn.utils.rnn import pad_sequence
 from vqa_search.core.artifacts import save_artifact
 from vqa_search.core.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
 from vqa_search.core.errors import UserError
-from vqa_search.core.feature_cache import (CacheConfig, FeatureCache, Ragged, array_digest, computed_rows,
-                                           file_states_digest, take)
+from vqa_search.core.feature_cache import (CacheConfig, EntryBuilder, FeatureCache, Ragged, array_digest,
+                                           computed_rows, file_states_digest, take)
 from vqa_search.indexer.datasets import Dataset, read_dataset
 from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef
 from vqa_search.core.threads import default_workers
@@ -319,20 +319,18 @@ def _frozen_texts(clip: Clip, tokens: torch.Tensor, blocks: int, cache: FeatureC
     """Length-sorted batches cut to their longest caption, like the caption fast path, then each row to its own."""
     entry = cache.entry("finetune-text-prefix", clip.identity, frozen_blocks=blocks,
                         dtype=np.dtype(STREAM_DTYPE).name, tokens=array_digest(tokens))
-    stored = entry.load()
-    if stored is None:
+
+    def fill(builder: EntryBuilder) -> None:
         lengths = token_lengths(tokens)
-        order = torch.argsort(lengths, stable=True)
-        with entry.build() as builder:
-            streams = builder.ragged("streams", lengths.tolist(), (clip.model.transformer.width,), STREAM_DTYPE)
-            for rows in order.split(TEXT_CACHE_BATCH):
-                batch = tokens[rows][:, : int(lengths[rows].max())].to(clip.device)
-                with autocast(clip.device):
-                    stream = text_prefix(clip.model, batch, blocks).float().cpu().numpy()
-                for position, row in enumerate(rows.tolist()):
-                    streams.values[streams.offsets[row]:streams.offsets[row + 1]] = stream[position, : int(lengths[row])]
-        stored = builder.stored
-    return stored.ragged("streams")
+        streams = builder.ragged("streams", lengths.tolist(), (clip.model.transformer.width,), STREAM_DTYPE)
+        for rows in torch.argsort(lengths, stable=True).split(TEXT_CACHE_BATCH):
+            batch = tokens[rows][:, : int(lengths[rows].max())].to(clip.device)
+            with autocast(clip.device):
+                stream = text_prefix(clip.model, batch, blocks).float().cpu().numpy()
+            for position, row in enumerate(rows.tolist()):
+                streams.values[streams.offsets[row]:streams.offsets[row + 1]] = stream[position, : int(lengths[row])]
+
+    return entry.get(fill).ragged("streams")
 
 
 def _set_trainable(model: CLIP, config: FinetuneConfig, image_blocks: int | None, text_blocks: int | None) -> None:

@@ -25,7 +25,8 @@ from vqa_search.align.region_store import RegionSet
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, load_reranker, save_reranker
 from vqa_search.core.encode import autocast, token_lengths
 from vqa_search.core.errors import UserError
-from vqa_search.core.feature_cache import CACHE_DIR_NAME, CacheConfig, FeatureCache, Ragged, array_digest
+from vqa_search.core.feature_cache import (CACHE_DIR_NAME, CacheConfig, EntryBuilder, FeatureCache, Ragged,
+                                           array_digest)
 from vqa_search.core.training import Curve, Fitted, check_config, fit, seed_everything, weight_decay_groups
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.core.store import DEFAULT_DIR_NAME, IndexDir
@@ -238,18 +239,16 @@ def cached_caption_tokens(cache: FeatureCache, clip, texts: list[str], chunk: in
     same weights saw the same token ids."""
     ids = clip.tokenizer(texts)
     entry = cache.entry("rerank-caption-tokens", clip.identity, dtype="float16", tokens=array_digest(ids))
-    stored = entry.load()
-    if stored is None:
-        lengths = token_lengths(ids).tolist()
-        with entry.build() as builder:
-            ragged = None
-            for start in range(0, len(texts), chunk):
-                for row, tokens in enumerate(caption_tokens(clip, texts[start:start + chunk]), start):
-                    if ragged is None:
-                        ragged = builder.ragged("tokens", lengths, tuple(tokens.shape[1:]), np.float16)
-                    ragged.values[ragged.offsets[row]:ragged.offsets[row + 1]] = tokens.numpy()
-        stored = builder.stored
-    return stored.ragged("tokens")
+
+    def fill(builder: EntryBuilder) -> None:
+        lengths, ragged = token_lengths(ids).tolist(), None
+        for start in range(0, len(texts), chunk):
+            for row, tokens in enumerate(caption_tokens(clip, texts[start:start + chunk]), start):
+                if ragged is None:  # allocated once the first caption gives the width
+                    ragged = builder.ragged("tokens", lengths, tuple(tokens.shape[1:]), np.float16)
+                ragged.values[ragged.offsets[row]:ragged.offsets[row + 1]] = tokens.numpy()
+
+    return entry.get(fill).ragged("tokens")
 
 
 def mine_negatives(gallery: Gallery, n: int, same_text: dict[int, set[int]], chunk: int = 4096) -> np.ndarray:

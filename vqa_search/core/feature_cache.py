@@ -31,7 +31,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -193,6 +193,15 @@ class CacheEntry:
         _touch(self.path / MANIFEST)
         return Stored(arrays, manifest["meta"], on_disk=True)
 
+    def get(self, fill: Callable[["EntryBuilder"], None]) -> Stored:
+        """The committed entry, or a new one that `fill` writes (allocating its arrays from the builder)."""
+        stored = self.load()
+        if stored is None:
+            with self.build() as builder:
+                fill(builder)
+            stored = builder.stored
+        return stored
+
     @contextmanager
     def build(self) -> Iterator["EntryBuilder"]:
         """An empty entry to fill; committed when the block ends normally, deleted when it raises."""
@@ -278,12 +287,8 @@ def computed_rows(entry: CacheEntry, reader, mapper, dtype, progress: bool = Fal
     "rows" (one per readable item, in reading order), meta "keys" (str of each item's key), "skipped"."""
     from vqa_search.core.runner import run  # the runner imports the model code; the cache itself does not
 
-    stored = entry.load()
-    if stored is not None:
-        return stored
-    with entry.build() as builder:
-        run(reader, mapper, RowWriter(builder, "rows", len(reader), dtype), progress, desc)
-    return builder.stored
+    return entry.get(lambda builder: run(reader, mapper, RowWriter(builder, "rows", len(reader), dtype), progress,
+                                         desc))
 
 
 class RowWriter:

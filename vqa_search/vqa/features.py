@@ -28,8 +28,8 @@ from vqa_search.align.compositional import region_features
 from vqa_search.align.region_store import RegionSet
 from vqa_search.core.encode import autocast, encode_texts
 from vqa_search.core.errors import UserError
-from vqa_search.core.feature_cache import (CacheConfig, CacheEntry, FeatureCache, Stored, computed_rows,
-                                           file_states_digest, take)
+from vqa_search.core.feature_cache import (CacheConfig, CacheEntry, EntryBuilder, FeatureCache, Stored,
+                                           computed_rows, file_states_digest, take)
 from vqa_search.core.identity import ModelIdentity, resolve_identity
 from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef
 from vqa_search.core.models import Clip, load_clip
@@ -183,15 +183,13 @@ def _cached_regions(cache: FeatureCache, regions: RegionSet, images: list[Path],
     stores them: an image gets the same features inside the index or out."""
     entry = cache.entry("vqa-regions", None, extractor=regions.manifest["extractor"], dtype="float16",
                         images=images_digest)
-    stored = entry.load()
-    if stored is None:
-        with entry.build() as builder:
-            builder.meta["rows"] = len(images)
-            out = builder.array("rows", (len(images), regions.num_regions, regions.feature_dim), np.float16)
-            for start in range(0, len(images), chunk):
-                out[start:start + chunk] = region_features(regions, images[start:start + chunk]).half().numpy()
-        stored = builder.stored
-    return stored.rows("rows")
+
+    def fill(builder: EntryBuilder) -> None:
+        out = builder.array("rows", (len(images), regions.num_regions, regions.feature_dim), np.float16)
+        for start in range(0, len(images), chunk):
+            out[start:start + chunk] = region_features(regions, images[start:start + chunk]).half().numpy()
+
+    return entry.get(fill).arrays["rows"]
 
 
 @dataclass
