@@ -68,8 +68,8 @@ ADAM_BETAS = (0.9, 0.98)  # open_clip's settings for ViT CLIPs
 ADAM_EPS = 1e-6
 PIXEL_CACHE_BYTES = 2 << 30  # preprocessed train images up to this size stay in memory; above, decode every epoch
 TEXT_CACHE_BATCH = 256
-# The cached frozen streams' storage type. float32: float16 halves the disk, but (benchmarks/feature_cache.py)
-# changed stage 1's training, so the streams stay exact.
+# The cached frozen streams' storage type: float32, exactly what the blocks after them would see without
+# a cache. float16 would halve the disk and change the run (benchmarks/feature_cache.py measures by how much).
 STREAM_DTYPE = np.float32
 RECALL_CURVE = Curve("val R@1 (%)", lambda record: {"text→image": record["t2i"]["R@1"],
                                                      "image→text": record["i2t"]["R@1"]})
