@@ -17,6 +17,7 @@ from vqa_search.align import finetune as stage1
 from vqa_search.align.finetune import FinetuneConfig, contrastive_loss, finetune, mean_recall, validate
 from vqa_search.cli import app
 from vqa_search.core.encode import token_lengths
+from vqa_search.core.feature_cache import CacheConfig, FeatureCache
 from vqa_search.indexer.build import BuildConfig, build_index
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.core.images import load_rgb
@@ -128,14 +129,15 @@ def test_cached_prefix_gives_the_full_forward(world):
     paths = list(texts_of)[:6]
     image_blocks, text_blocks = stage1.frozen_blocks(model, 1)
     assert (image_blocks, text_blocks) == (1, 1)
-    images = stage1._TrainImages.load(clip, data, paths, image_blocks, SHORT, progress=False)
-    texts = stage1._TrainTexts.build(clip, [texts_of[path] for path in paths], text_blocks)
+    in_memory = FeatureCache(CacheConfig("memory"), world)
+    images = stage1._TrainImages.load(clip, data, paths, image_blocks, SHORT, progress=False, cache=in_memory)
+    texts = stage1._TrainTexts.build(clip, [texts_of[path] for path in paths], text_blocks, in_memory)
     pixels = torch.stack([clip.preprocess(load_rgb(data.images_dir / path).image) for path in paths])
     all_texts = [text for path in paths for text in texts_of[path]]
     rows = torch.arange(len(all_texts))
     assert len(set(token_lengths(texts.tokens).tolist())) > 1  # padding really happens
     with torch.no_grad():
-        torch.testing.assert_close(images.features(model, images.cache), model.encode_image(pixels),
+        torch.testing.assert_close(images.features(model, torch.from_numpy(images.cache)), model.encode_image(pixels),
                                    atol=1e-5, rtol=0)
         torch.testing.assert_close(texts.features(model, rows, clip.device),
                                    model.encode_text(clip.tokenizer(all_texts)), atol=1e-5, rtol=0)

@@ -82,9 +82,9 @@ def test_indexed_images_read_the_stored_regions_and_new_ones_are_extracted(world
     Image.open(indexed).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(new)
     features = image_features(answerer.clip, None, [indexed, new], regions=regions)
     stored = regions.features([regions.row_of("shape_000003.png")])[0]
-    assert torch.equal(features.regions[0], torch.from_numpy(stored))
+    assert torch.equal(torch.from_numpy(features.regions[0]), torch.from_numpy(stored))
     extracted, boxes = regions.extractor().extract([Image.open(new).convert("RGB")])
-    assert torch.equal(features.regions[1], torch.from_numpy(extracted[0]).half())
+    assert torch.equal(torch.from_numpy(features.regions[1]), torch.from_numpy(extracted[0]).half())
     first_shape = read_boxes(world / "boxes.json").for_image("shape_000003.png", 64, 64)[0]
     np.testing.assert_allclose(stored[0, -7:-3], first_shape / 64, atol=1e-3)  # its geometry, as the head reads it
 

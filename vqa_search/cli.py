@@ -636,6 +636,10 @@ def bench_compositional(
     typer.echo("\n".join(compositional_text(result) for result in results))
 
 
+CACHE_HELP = ("Frozen features: memory | disk (.npy files, memory-mapped, reused by the next run) | auto "
+              "(a stored cache if one matches, else disk above half the available memory).")
+CACHE_DIR_HELP = "Where --cache disk writes. Default: DATASET/.vqa-search/feature-cache"
+
 train_app = typer.Typer(help="""Adapt CLIP to a collection (stage-1 fine-tuning, the stage-2 re-ranker) and train VQA answer heads.
 
 \b
@@ -665,6 +669,8 @@ def finetune(
     seed: int = typer.Option(42, help="Same seed, same run."),
     unfreeze_last: int = typer.Option(0, help="Train only the last N blocks of each tower (CPU preset); 0: all."),
     patience: int = typer.Option(3, help="Stop after this many epochs without a better val recall."),
+    cache: str = typer.Option("auto", help="--unfreeze-last: " + CACHE_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, help=CACHE_DIR_HELP),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines; the result line stays."),
@@ -676,6 +682,7 @@ def finetune(
     Examples:
       vqa-search train finetune ./flickr8k --out flickr8k-ft.safetensors --unfreeze-last 2
       vqa-search train finetune ./shapes --out shapes.safetensors --model vqa-tiny --pretrained none --lr 1e-3 --epochs 20
+      vqa-search train finetune ./coco --out coco-ft.safetensors --unfreeze-last 2 --cache disk --cache-dir /scratch/cache
     """
     from vqa_search.align.finetune import FinetuneConfig, finetune as train
 
@@ -683,7 +690,7 @@ def finetune(
     config = FinetuneConfig(
         model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         temperature=temperature, learn_temperature=not fixed_temperature, seed=seed, unfreeze_last=unfreeze_last,
-        patience=patience, workers=workers,
+        patience=patience, workers=workers, cache=cache, cache_dir=cache_dir,
     )
     result = train(dataset, out, config, progress=not quiet)
     if as_json:
@@ -724,6 +731,8 @@ def rerank(
     top: int = typer.Option(DEFAULT_TOP, "--rerank-top", help="Val: global candidates re-ranked per query."),
     seed: int = typer.Option(42, help="Same seed, same run."),
     index_dir: Optional[Path] = typer.Option(None, "--index", help="Index directory. Default: DATASET/.vqa-search"),
+    cache: str = typer.Option("auto", help="Train caption tokens and regions: " + CACHE_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where --cache disk writes. Default: INDEX/feature-cache"),
     threads: Optional[int] = typer.Option(None, help="Torch threads. Default: OMP_NUM_THREADS if set, else one per core."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -755,7 +764,8 @@ def rerank(
     config = RerankTrainConfig(
         model=model, pretrained=pretrained, regions=region_set, out=out, index=index_dir, lam=_parse_lambda(lam),
         negatives=negatives, region_hidden=region_mlp, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, patience=patience, top=top, seed=seed, progress=not quiet,
+        weight_decay=weight_decay, patience=patience, top=top, seed=seed, progress=not quiet, cache=cache,
+        cache_dir=cache_dir,
     )
     result = train_reranker(dataset, config)
     if as_json:
@@ -790,6 +800,8 @@ def train_vqa(
     patience: int = typer.Option(4, help="Stop after this many epochs without a better val accuracy."),
     seed: int = typer.Option(42, help="Same seed, same run."),
     images: Optional[Path] = typer.Option(None, help="Images folder, when image paths are not relative to DATA."),
+    cache: str = typer.Option("auto", help="Image vectors and local streams: " + CACHE_HELP),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where --cache disk writes. Default: DATA/.vqa-search/feature-cache"),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines; the result line stays."),
@@ -803,6 +815,7 @@ def train_vqa(
       vqa-search train vqa ./shapes --out shapes-head.safetensors --model vqa-tiny --pretrained stage1.safetensors \\
           --local-model vqa-tiny --local-pretrained stage1.safetensors --unfreeze-last 2
       vqa-search train vqa ./vqa2 --images ./coco --out vit-head.safetensors --local-model hf:google/vit-base-patch16-224
+      vqa-search train vqa ./vqa2 --images ./coco --out b16-head.safetensors --cache disk --cache-dir /scratch/cache
       vqa-search regions ./shapes --source clip-crops --boxes ./shapes/boxes.json
       vqa-search train vqa ./shapes --out regions-head.safetensors --variant regions --region-set clip-crops-boxes
     """
@@ -814,7 +827,7 @@ def train_vqa(
         local_pretrained=local_pretrained, unfreeze_last=unfreeze_last, regions=region_set, index=index_dir,
         epochs=epochs, batch_size=batch_size, lr=lr,
         local_lr=local_lr, weight_decay=weight_decay, dropout=dropout, loss=loss, vocab_size=vocab_size,
-        patience=patience, seed=seed, images=images, workers=workers,
+        patience=patience, seed=seed, images=images, workers=workers, cache=cache, cache_dir=cache_dir,
     )
     result = train(data, out, config, progress=not quiet)
     if as_json:

@@ -19,7 +19,8 @@ but the epochs after it. The checkpoint is a safetensors file of the full open_c
 `unfreeze_last` = N trains only the last N blocks of each tower and what follows them (ln_post,
 ln_final, the projections, logit_scale). Everything before is frozen, so its output — the residual
 stream entering the first trained block — is computed once for every train image and caption and
-kept in memory; later epochs run only the last N blocks.
+kept in a feature cache (`core/feature_cache.py`: in memory, or memory-mapped .npy files reused by
+the next run with the same weights, depth and files); later epochs run only the last N blocks.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from torch.nn.utils.rnn import pad_sequence
 from vqa_search.core.artifacts import save_artifact
 from vqa_search.core.encode import autocast, encode_text_trimmed, supports_trimmed_text, token_lengths
 from vqa_search.core.errors import UserError
+from vqa_search.core.feature_cache import (CacheConfig, EntryBuilder, FeatureCache, Ragged, array_digest,
+                                           computed_rows, file_states_digest, take)
 from vqa_search.indexer.datasets import Dataset, read_dataset
 from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef
 from vqa_search.core.threads import default_workers
@@ -65,6 +68,9 @@ ADAM_BETAS = (0.9, 0.98)  # open_clip's settings for ViT CLIPs
 ADAM_EPS = 1e-6
 PIXEL_CACHE_BYTES = 2 << 30  # preprocessed train images up to this size stay in memory; above, decode every epoch
 TEXT_CACHE_BATCH = 256
+# The cached frozen streams' storage type: float32, exactly what the blocks after them would see without
+# a cache. float16 would halve the disk and change the run (benchmarks/feature_cache.py measures by how much).
+STREAM_DTYPE = np.float32
 RECALL_CURVE = Curve("val R@1 (%)", lambda record: {"text→image": record["t2i"]["R@1"],
                                                      "image→text": record["i2t"]["R@1"]})
 
@@ -89,6 +95,8 @@ class FinetuneConfig:
     images: Path | None = None
     workers: int = field(default_factory=default_workers)
     device: str | None = None  # default: CUDA when available
+    cache: str = "auto"  # --unfreeze-last streams: memory | disk (memory-mapped .npy) | auto (core/feature_cache.py)
+    cache_dir: Path | None = None  # default DATASET/.vqa-search/feature-cache
 
 
 @dataclass
@@ -113,8 +121,9 @@ def finetune(dataset: Path | str, out: Path | str, config: FinetuneConfig = Fine
     generator = seed_everything(config.seed)
     _set_trainable(clip.model, config, image_blocks, text_blocks)
 
-    images = _TrainImages.load(clip, data, list(train_texts), image_blocks, config, progress)
-    texts = _TrainTexts.build(clip, [train_texts[path] for path in images.paths], text_blocks)
+    cache = FeatureCache.for_dataset(config.cache, config.cache_dir, data.root)
+    images = _TrainImages.load(clip, data, list(train_texts), image_blocks, config, progress, cache)
+    texts = _TrainTexts.build(clip, [train_texts[path] for path in images.paths], text_blocks, cache)
     batch_size = min(config.batch_size, len(images.paths))
     steps = len(images.paths) // batch_size
     model, device = clip.model, clip.device
@@ -199,32 +208,46 @@ class _TrainImages:
 
     paths: list[str]
     skipped: dict[str, str]  # unreadable path -> reason
-    cache: torch.Tensor | None  # pixels, or with frozen blocks the stream entering the first trained one
+    cache: np.ndarray | None  # pixels, or with frozen blocks the stream entering the first trained one (maybe mapped)
     frozen_blocks: int | None
     images_dir: Path
 
     @classmethod
     def load(cls, clip: Clip, data: Dataset, paths: list[str], frozen: int | None, config: FinetuneConfig,
-             progress: bool) -> "_TrainImages":
-        """Decode every train image once: unreadable files are found now, and the frozen part runs here only."""
+             progress: bool, cache: FeatureCache) -> "_TrainImages":
+        """Decode every train image once: unreadable files are found now, and the frozen part runs here only.
+
+        The frozen streams go to `cache` (reused when it holds them already); pixels stay in RAM.
+        """
         pixel_bytes = clip.preprocess(Image.new("RGB", (8, 8))).nbytes
         keep = frozen is not None or len(paths) * pixel_bytes <= PIXEL_CACHE_BYTES
         reader = ImageReader([ImageRef(data.images_dir / path, path) for path in paths], clip.preprocess,
                              config.batch_size, config.workers)
-        found = run(reader, _TrainInputs(clip, frozen, keep), Collector(), progress, "train images")
-        if found.skipped:
-            log.warning("%d unreadable train images left out, e.g. %s: %s", len(found.skipped),
-                        *next(iter(found.skipped.items())))
-        if not found.results:
+        if keep:
+            if frozen is None:  # pixels: in RAM as before (decoded again every epoch when they do not fit)
+                cache = FeatureCache(CacheConfig("memory"), cache.directory)
+            kind = "finetune-pixels" if frozen is None else "finetune-image-prefix"
+            entry = cache.entry(kind, clip.identity, frozen_blocks=frozen,
+                                dtype=np.dtype(STREAM_DTYPE).name,
+                                images=file_states_digest([data.images_dir / path for path in paths]))
+            found = computed_rows(entry, reader, _TrainInputs(clip, frozen, keep), STREAM_DTYPE, progress,
+                                  "train images")
+            readable, skipped, inputs = found.meta["keys"], found.meta["skipped"], found.rows("rows")
+        else:
+            checked = run(reader, _TrainInputs(clip, frozen, keep), Collector(), progress, "train images")
+            readable, skipped, inputs = list(checked.results), checked.skipped, None
+        if skipped:
+            log.warning("%d unreadable train images left out, e.g. %s: %s", len(skipped), *next(iter(skipped.items())))
+        if not readable:
             raise UserError(f"no readable image in the {config.train_split} split of {data.root}")
-        return cls(list(found.results), found.skipped, found.stacked() if keep else None, frozen, data.images_dir)
+        return cls(readable, skipped, inputs, frozen, data.images_dir)
 
     def batches(self, clip: Clip, order: torch.Tensor, batch_size: int,
                 workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(positions in `paths`, model input) per batch of `order`; a file unreadable since loading drops out."""
         if self.cache is not None:
             for positions in order.split(batch_size):
-                yield positions, self.cache[positions]
+                yield positions, take(self.cache, positions)
             return
         refs = [ImageRef(self.images_dir / self.paths[position], position) for position in order.tolist()]
         for batch in ImageReader(refs, clip.preprocess, batch_size, workers):
@@ -234,7 +257,7 @@ class _TrainImages:
     def features(self, model: CLIP, inputs: torch.Tensor) -> torch.Tensor:
         if self.frozen_blocks is None:
             return model.encode_image(inputs)
-        return image_suffix(model, inputs, self.frozen_blocks)
+        return image_suffix(model, inputs.float(), self.frozen_blocks)
 
 
 @dataclass
@@ -266,15 +289,17 @@ class _TrainTexts:
     tokens: torch.Tensor  # (captions, context length)
     first: torch.Tensor  # row in `tokens` of each image's first caption
     counts: torch.Tensor  # captions per image
-    streams: list[torch.Tensor] | None  # per caption, the stream entering the first trained block, cut to its length
+    streams: Ragged | None  # per caption, the stream entering the first trained block, cut to its length
     frozen_blocks: int | None
 
     @classmethod
-    def build(cls, clip: Clip, texts_per_image: list[list[str]], frozen: int | None) -> "_TrainTexts":
+    def build(cls, clip: Clip, texts_per_image: list[list[str]], frozen: int | None,
+              cache: FeatureCache) -> "_TrainTexts":
         counts = torch.tensor([len(texts) for texts in texts_per_image])
         tokens = clip.tokenizer([text for texts in texts_per_image for text in texts])
         first = torch.cumsum(counts, 0) - counts
-        return cls(tokens, first, counts, None if frozen is None else _frozen_texts(clip, tokens, frozen), frozen)
+        return cls(tokens, first, counts, None if frozen is None else _frozen_texts(clip, tokens, frozen, cache),
+                   frozen)
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         """One caption row per image, uniformly among its captions."""
@@ -285,23 +310,27 @@ class _TrainTexts:
         tokens = tokens[:, : int(token_lengths(tokens).max())].to(device)
         if self.streams is None:
             return encode_text_trimmed(model, tokens)
-        stream = pad_sequence([self.streams[row] for row in rows.tolist()], batch_first=True).to(device)
+        stream = pad_sequence(self.streams.take(rows), batch_first=True).to(device).float()
         return text_suffix(model, stream, tokens, self.frozen_blocks)
 
 
 @torch.no_grad()
-def _frozen_texts(clip: Clip, tokens: torch.Tensor, blocks: int) -> list[torch.Tensor]:
+def _frozen_texts(clip: Clip, tokens: torch.Tensor, blocks: int, cache: FeatureCache) -> Ragged:
     """Length-sorted batches cut to their longest caption, like the caption fast path, then each row to its own."""
-    lengths = token_lengths(tokens)
-    streams: list[torch.Tensor | None] = [None] * len(tokens)
-    order = torch.argsort(lengths, stable=True)
-    for rows in order.split(TEXT_CACHE_BATCH):
-        batch = tokens[rows][:, : int(lengths[rows].max())].to(clip.device)
-        with autocast(clip.device):
-            stream = text_prefix(clip.model, batch, blocks).float().cpu()
-        for position, row in enumerate(rows.tolist()):
-            streams[row] = stream[position, : int(lengths[row])].clone()
-    return streams
+    entry = cache.entry("finetune-text-prefix", clip.identity, frozen_blocks=blocks,
+                        dtype=np.dtype(STREAM_DTYPE).name, tokens=array_digest(tokens))
+
+    def fill(builder: EntryBuilder) -> None:
+        lengths = token_lengths(tokens)
+        streams = builder.ragged("streams", lengths.tolist(), (clip.model.transformer.width,), STREAM_DTYPE)
+        for rows in torch.argsort(lengths, stable=True).split(TEXT_CACHE_BATCH):
+            batch = tokens[rows][:, : int(lengths[rows].max())].to(clip.device)
+            with autocast(clip.device):
+                stream = text_prefix(clip.model, batch, blocks).float().cpu().numpy()
+            for position, row in enumerate(rows.tolist()):
+                streams.values[streams.offsets[row]:streams.offsets[row + 1]] = stream[position, : int(lengths[row])]
+
+    return entry.get(fill).ragged("streams")
 
 
 def _set_trainable(model: CLIP, config: FinetuneConfig, image_blocks: int | None, text_blocks: int | None) -> None:
@@ -330,6 +359,7 @@ def _check(out: Path, config: FinetuneConfig) -> Path:
         raise UserError(f"--out must end in .safetensors, the suffix by which `--pretrained` knows the format "
                         f"(got {out})")
     check_config(config)
+    CacheConfig(config.cache, config.cache_dir).check()
     for name, value, low in (("batch-size", config.batch_size, 2), ("unfreeze-last", config.unfreeze_last, 0)):
         if value < low:
             raise UserError(f"--{name} must be at least {low} (got {value})")

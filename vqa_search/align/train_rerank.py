@@ -23,8 +23,10 @@ import torch.nn.functional as F
 
 from vqa_search.align.region_store import RegionSet
 from vqa_search.align.reranker import CrossAttentionReranker, RerankerConfig, load_reranker, save_reranker
-from vqa_search.core.encode import autocast
+from vqa_search.core.encode import autocast, token_lengths
 from vqa_search.core.errors import UserError
+from vqa_search.core.feature_cache import (CACHE_DIR_NAME, CacheConfig, EntryBuilder, FeatureCache, Ragged,
+                                           array_digest)
 from vqa_search.core.training import Curve, Fitted, check_config, fit, seed_everything, weight_decay_groups
 from vqa_search.indexer.datasets import read_dataset
 from vqa_search.core.store import DEFAULT_DIR_NAME, IndexDir
@@ -65,6 +67,8 @@ class RerankTrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     progress: bool = True
+    cache: str = "auto"  # train caption tokens and regions: memory | disk (memory-mapped) | auto (core/feature_cache.py)
+    cache_dir: Path | None = None  # default INDEX_DIR/feature-cache
 
 
 @dataclass
@@ -102,14 +106,22 @@ def train_reranker(dataset: Path | str, config: RerankTrainConfig = RerankTrainC
     clip = load_clip(identity)
     clip.model.requires_grad_(False)
 
-    def split(name: str) -> TrainingSplit:
+    cache = FeatureCache(CacheConfig(config.cache, config.cache_dir), index_dir.path / CACHE_DIR_NAME)
+
+    def split(name: str, cache: FeatureCache) -> TrainingSplit:
         recall_config = RecallConfig(split=name, model=config.model, pretrained=config.pretrained,
                                      progress=config.progress)
         gallery = load_gallery(data, recall_config, identity, index_dir)
-        inputs = FineInputs(caption_tokens(clip, gallery.caption_texts), gallery_regions(regions, gallery.images))
-        return TrainingSplit(gallery, inputs)
+        rows = np.array([regions.row_of(path) for path in gallery.images])  # a UserError names one without
+        region_bytes = len(rows) * regions.num_regions * regions.feature_dim * np.dtype(np.float16).itemsize
+        split_regions = (gallery_regions(regions, gallery.images) if cache.in_memory(region_bytes)
+                         else SetRows(regions, rows))
+        return TrainingSplit(gallery, FineInputs(cached_caption_tokens(cache, clip, gallery.caption_texts),
+                                                 split_regions))
 
-    train, val = split(config.train_split), split(config.val_split)
+    # val is re-ranked whole after every epoch: its tokens and regions are held in RAM
+    train = split(config.train_split, cache)
+    val = split(config.val_split, FeatureCache(CacheConfig("memory"), cache.directory))
     generator = seed_everything(config.seed)
     reranker = CrossAttentionReranker(RerankerConfig(
         token_dim=train.inputs.tokens[0].shape[-1], region_dim=regions.feature_dim,
@@ -210,6 +222,35 @@ class RerankTrainer:
         return masked.to(self.device)
 
 
+@dataclass
+class SetRows:
+    """A split's regions read from the region set's memory-mapped shards batch by batch (`--cache disk`),
+    in place of the same float16 rows copied into RAM (`gallery_regions`)."""
+
+    regions: RegionSet
+    rows: np.ndarray  # the set's row of each gallery image
+
+    def __getitem__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.regions.features(self.rows[np.asarray(images)]))
+
+
+def cached_caption_tokens(cache: FeatureCache, clip, texts: list[str], chunk: int = 1024) -> Ragged:
+    """`caption_tokens` of every caption through the feature cache: written chunk by chunk, reused when the
+    same weights saw the same token ids."""
+    ids = clip.tokenizer(texts)
+    entry = cache.entry("rerank-caption-tokens", clip.identity, dtype="float16", tokens=array_digest(ids))
+
+    def fill(builder: EntryBuilder) -> None:
+        lengths, ragged = token_lengths(ids).tolist(), None
+        for start in range(0, len(texts), chunk):
+            for row, tokens in enumerate(caption_tokens(clip, texts[start:start + chunk]), start):
+                if ragged is None:  # allocated once the first caption gives the width
+                    ragged = builder.ragged("tokens", lengths, tuple(tokens.shape[1:]), np.float16)
+                ragged.values[ragged.offsets[row]:ragged.offsets[row + 1]] = tokens.numpy()
+
+    return entry.get(fill).ragged("tokens")
+
+
 def mine_negatives(gallery: Gallery, n: int, same_text: dict[int, set[int]], chunk: int = 4096) -> np.ndarray:
     """For each caption, the n images the frozen CLIP ranks highest that are not correct answers to it."""
     n = min(n, len(gallery.images) - 1)
@@ -260,6 +301,7 @@ def _summary(ranks: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 def _check(config: RerankTrainConfig) -> None:
     check_config(config)
+    CacheConfig(config.cache, config.cache_dir).check()
     for name in ("negatives", "batch_size", "top"):
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(config, name)})")

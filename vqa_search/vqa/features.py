@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
@@ -27,10 +28,12 @@ from vqa_search.align.compositional import region_features
 from vqa_search.align.region_store import RegionSet
 from vqa_search.core.encode import autocast, encode_texts
 from vqa_search.core.errors import UserError
+from vqa_search.core.feature_cache import (CacheConfig, CacheEntry, EntryBuilder, FeatureCache, Stored,
+                                           computed_rows, file_states_digest, take)
 from vqa_search.core.identity import ModelIdentity, resolve_identity
 from vqa_search.core.image_stream import DecodedBatch, ImageReader, ImageRef
 from vqa_search.core.models import Clip, load_clip
-from vqa_search.core.runner import ClipImageMapper, Collector, Mapper, run
+from vqa_search.core.runner import ClipImageMapper, Mapper
 from vqa_search.core.tower_blocks import image_prefix, image_suffix_tokens
 
 log = logging.getLogger("vqa_search")
@@ -124,11 +127,11 @@ class LocalEncoder(LocalTower):
 
 @dataclass
 class ImageFeatures:
-    rows: dict[Path, int]  # image file -> row of the tensors below
+    rows: dict[Path, int]  # image file -> row of the arrays below
     global_vectors: torch.Tensor  # (images, D) float32, L2-normalised
-    local_streams: torch.Tensor | None  # (images, tokens, W) float16: LocalTower.prefix
+    local_streams: np.ndarray | None  # (images, tokens, W) float16: LocalTower.prefix, in RAM or memory-mapped
     skipped: dict[Path, str]  # unreadable file -> reason
-    regions: torch.Tensor | None = None  # (images, K, F) float16: the regions head's region features
+    regions: np.ndarray | None = None  # (images, K, F) float16: the regions head's region features (maybe mapped)
 
     def take(self, images: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
                                                     torch.Tensor | None]:
@@ -136,29 +139,57 @@ class ImageFeatures:
         once, and which of them each question reads (the local encoder runs once per image, not per question)."""
         rows = torch.tensor([self.rows[image] for image in images])
         distinct, inverse = torch.unique(rows, return_inverse=True)
-        streams = None if self.local_streams is None else self.local_streams[distinct]
-        regions = None if self.regions is None else self.regions[distinct]
+        streams = None if self.local_streams is None else take(self.local_streams, distinct)
+        regions = None if self.regions is None else take(self.regions, distinct)
         return self.global_vectors[rows], streams, inverse, regions
 
 
 def image_features(clip: Clip, local: LocalTower | None, images: Sequence[Path], batch_size: int = 64,
-                   workers: int = 0, progress: bool = False, regions: RegionSet | None = None) -> ImageFeatures:
-    """Global vectors, local streams and regions of readable images; unreadable ones are listed, not fatal."""
+                   workers: int = 0, progress: bool = False, regions: RegionSet | None = None,
+                   cache: FeatureCache | None = None) -> ImageFeatures:
+    """Global vectors, local streams and regions of readable images; unreadable ones are listed, not fatal.
+
+    The vectors and streams come from `cache` (`core/feature_cache.py`) when it holds them for these
+    files and weights, else they are computed into it; without one, into RAM.
+    """
+    cache = cache or FeatureCache(CacheConfig("memory"), Path("."))
     unique = list(dict.fromkeys(images))
-    vectors, rows, skipped = _decode_and_encode(clip.preprocess, unique, batch_size, workers, progress,
-                                                ClipImageMapper(clip), "images")
+    images_digest = file_states_digest(unique)
+    found = _decode_and_encode(cache.entry("vqa-image-vectors", clip.identity, images=images_digest),
+                               clip.preprocess, unique, batch_size, workers, progress, ClipImageMapper(clip),
+                               np.float32, "images")
+    rows = {Path(key): row for row, key in enumerate(found.meta["keys"])}
+    skipped = {Path(key): reason for key, reason in found.meta["skipped"].items()}
+    vectors = torch.from_numpy(np.array(found.rows("rows")))  # small: (images, D) in RAM
     streams = None
     if local is not None:
         readable = [image for image in unique if image in rows]
-        streams, local_rows, _ = _decode_and_encode(local.preprocess, readable, batch_size, workers, progress,
-                                                    _LocalPrefix(local), "local encoder")
-        if local_rows.keys() != rows.keys():
+        entry = cache.entry("vqa-local-streams", local.identity, local_encoder=type(local).__name__,
+                            frozen_blocks=local.frozen_blocks, dtype="float16", images=images_digest)
+        local_found = _decode_and_encode(entry, local.preprocess, readable, batch_size, workers, progress,
+                                         _LocalPrefix(local), np.float16, "local encoder")
+        if local_found.meta["keys"] != found.meta["keys"]:
             raise UserError("images changed on disk while they were read; run the command again")
+        streams = local_found.rows("rows")
     if skipped:
         log.warning("%d unreadable images left out, e.g. %s: %s", len(skipped), *next(iter(skipped.items())))
-    # float16, as the set stores them: an image gets the same features inside the index or out
-    region_rows = None if regions is None else region_features(regions, list(rows)).half()
+    region_rows = None if regions is None else _cached_regions(cache, regions, list(rows), images_digest)
     return ImageFeatures(rows, vectors, streams, skipped, region_rows)
+
+
+def _cached_regions(cache: FeatureCache, regions: RegionSet, images: list[Path], images_digest: str,
+                    chunk: int = 1024) -> np.ndarray:
+    """`region_features` of the images, written chunk by chunk into a cache entry as float16, as the set
+    stores them: an image gets the same features inside the index or out."""
+    entry = cache.entry("vqa-regions", None, extractor=regions.manifest["extractor"], dtype="float16",
+                        images=images_digest)
+
+    def fill(builder: EntryBuilder) -> None:
+        out = builder.array("rows", (len(images), regions.num_regions, regions.feature_dim), np.float16)
+        for start in range(0, len(images), chunk):
+            out[start:start + chunk] = region_features(regions, images[start:start + chunk]).half().numpy()
+
+    return entry.get(fill).arrays["rows"]
 
 
 @dataclass
@@ -171,14 +202,14 @@ class _LocalPrefix:
         return self.local.prefix(batch.pixels).half().cpu()
 
 
-def _decode_and_encode(preprocess, images: list[Path], batch_size: int, workers: int, progress: bool, mapper: Mapper,
-                       desc: str) -> tuple[torch.Tensor, dict[Path, int], dict[Path, str]]:
+def _decode_and_encode(entry: CacheEntry, preprocess, images: list[Path], batch_size: int, workers: int,
+                       progress: bool, mapper: Mapper, dtype, desc: str) -> Stored:
     reader = ImageReader([ImageRef(image, image) for image in images], preprocess, batch_size, workers)
-    found = run(reader, mapper, Collector(), progress, desc)
-    if not found.results:
+    found = computed_rows(entry, reader, mapper, dtype, progress, desc)
+    if not found.meta["keys"]:
         raise UserError(f"none of the {len(images)} images could be read, e.g. {images[0]}: "
-                        f"{found.skipped.get(images[0], 'unreadable')}")
-    return torch.as_tensor(found.stacked()), {image: row for row, image in enumerate(found.results)}, found.skipped
+                        f"{found.meta['skipped'].get(str(images[0]), 'unreadable')}")
+    return found
 
 
 def question_vectors(clip: Clip, questions: Sequence[str]) -> tuple[dict[str, int], torch.Tensor]:

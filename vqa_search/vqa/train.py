@@ -23,6 +23,7 @@ import torch
 
 from vqa_search.align.region_store import RegionSet
 from vqa_search.core.errors import UserError
+from vqa_search.core.feature_cache import CacheConfig, FeatureCache
 from vqa_search.core.threads import default_workers
 from vqa_search.core.models import default_device, load_clip
 from vqa_search.core.identity import DEFAULT_MODEL, DEFAULT_PRETRAINED, resolve_identity
@@ -66,6 +67,8 @@ class VqaTrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     images: Path | None = None  # where relative image paths point, when not beside the data
+    cache: str = "auto"  # frozen features: memory | disk (memory-mapped .npy) | auto (core/feature_cache.py)
+    cache_dir: Path | None = None  # default DATA/.vqa-search/feature-cache
     workers: int = field(default_factory=default_workers)
     device: str | None = None
 
@@ -101,10 +104,14 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
         local = load_local_encoder(config.local_model, config.local_pretrained, config.unfreeze_last, device)
     elif config.variant == "regions":
         regions = RegionSet.open(config.index or data.root, config.regions)
-    generator = seed_everything(config.seed)
 
+    cache = FeatureCache.for_dataset(config.cache, config.cache_dir, data.root)
     features = image_features(clip, local, [question.image for question in train + val], config.batch_size,
-                              config.workers, progress, regions)
+                              config.workers, progress, regions, cache)
+    if features.local_streams is not None:
+        streams = features.local_streams
+        log.info("local encoder streams: %.2f GB %s", streams.nbytes / 1e9,
+                 f"memory-mapped from {streams.filename}" if isinstance(streams, np.memmap) else "in memory")
     train = [question for question in train if question.image in features.rows]
     val = [question for question in val if question.image in features.rows]
     targets = [vocab.soft_targets(question.answers) for question in train]
@@ -115,6 +122,9 @@ def train_vqa(data_path: Path | str, out: Path | str, config: VqaTrainConfig = V
         raise UserError(f"no readable {config.train_split if not train else config.val_split} question with an "
                         f"answer to learn from in {data.root}")
     rows, vectors = question_vectors(clip, [question.question for question in train + val])
+    # seeded after the features: decoding draws from torch's generator, and a run that finds its features
+    # in the cache (core/feature_cache.py) decodes nothing, yet must be the same run
+    generator = seed_everything(config.seed)
 
     head = AnswerHead(HeadConfig(
         variant=config.variant, answers=len(vocab.answers), embed_dim=vectors.shape[1],
@@ -208,6 +218,7 @@ def _check(out: Path, config: VqaTrainConfig) -> Path:
     if config.loss not in LOSSES:
         raise UserError(f"--loss must be one of {', '.join(LOSSES)} (got {config.loss!r})")
     check_config(config)
+    CacheConfig(config.cache, config.cache_dir).check()
     for name, value, low in (("batch-size", config.batch_size, 2), ("vocab-size", config.vocab_size, 2),
                              ("hidden", config.hidden, 1)):
         if value < low:
