@@ -130,35 +130,19 @@ def peak_rss() -> int:
 
 def child_build_vqa(data: Path, out: Path, budget: str) -> dict:
     from vqa_search.core import faiss_index as fi
+    from vqa_search.core.memory import parse_memory
 
     vectors = data / "vectors.npy"
     n = len(np.load(vectors, mmap_mode="r"))
-    budget_bytes = fi.parse_memory(budget)
     started = time.perf_counter()
-    spec = fi.choose_for_budget(n, DIM, budget_bytes, "ivfpq-ondisk")
-    rows = fi.block_rows(DIM, budget_bytes)
-    held = fi.held_out_rows(n)
-    sample = fi.read_rows(vectors, fi.training_rows(n, spec.nlist * fi.ONDISK_TRAINING_POINTS_PER_CENTROID, held), rows)
-    read_seconds = time.perf_counter() - started
-    trained = fi.train_ondisk(sample, spec)
-    del sample
-    train_seconds = time.perf_counter() - started - read_seconds
+    spec = fi.choose_for_budget(n, DIM, parse_memory(budget), "ivfpq-ondisk")
     out.mkdir(parents=True, exist_ok=True)
-    path = fi.build_ondisk(fi.memory_mapped_blocks(vectors, rows), spec, out, "images", trained=trained)
-    add_seconds = time.perf_counter() - started - read_seconds - train_seconds
-    index = fi.open_ondisk(path, vectors, spec)
-    queries = fi.read_rows(vectors, held, rows)
-    _, truth = fi.exact_neighbours(queries, fi.memory_mapped_blocks(vectors, rows), K + 1)
-    nprobe, recall = fi.tune_nprobe(index, queries, held, truth)
-    total = time.perf_counter() - started
-    chosen = fi.IndexSpec(**{**spec.__dict__, "nprobe": nprobe, "recall_at_10": round(recall, 4),
-                             "recall_queries": len(held)})
-    (out / "spec.json").write_text(json.dumps(chosen.to_json()))
-    return {"build_seconds": total, "stages": {"read_sample": read_seconds, "train": train_seconds,
-                                               "add_and_merge": add_seconds, "tune_nprobe": total - read_seconds
-                                               - train_seconds - add_seconds},
-            "peak_rss_bytes": peak_rss(), "index_bytes": path.stat().st_size + (out / "images.ivfdata").stat().st_size,
-            "params": chosen.to_json(), "block_rows": rows}
+    built, stages = fi.build_ondisk_measured(vectors, spec, out, "images")
+    seconds = time.perf_counter() - started
+    (out / "spec.json").write_text(json.dumps(built.to_json()))
+    return {"build_seconds": seconds, "stages": stages, "peak_rss_bytes": peak_rss(),
+            "index_bytes": (out / "images.faiss").stat().st_size + (out / "images.ivfdata").stat().st_size,
+            "params": built.to_json(), "block_rows": fi.block_rows(DIM, spec.budget_bytes)}
 
 
 def child_search_vqa(data: Path, out: Path) -> dict:
@@ -288,7 +272,8 @@ def main() -> None:
     tools = args.tools.split(",")
     for n in (int(size) for size in args.sizes.split(",")):
         data = args.data / f"n{n}"
-        row = {"n": n, **prepare(data, n), "data_stats": stats(data / "vectors.npy")}
+        kept = next((r for r in results["rows"] if r["n"] == n), {})  # other tools' results of an earlier run
+        row = {**kept, "n": n, **prepare(data, n), "data_stats": stats(data / "vectors.npy")}
         print(json.dumps(row), flush=True)
         if "vqa-search" in tools:
             row["vqa-search"] = run_child(sys.executable, "build-vqa", str(data), str(data / "vqa"), args.budget)
@@ -313,7 +298,8 @@ def main() -> None:
 
 
 def _vqa_params(n: int, budget: str) -> dict:
-    from vqa_search.core.faiss_index import choose_for_budget, parse_memory
+    from vqa_search.core.faiss_index import choose_for_budget
+    from vqa_search.core.memory import parse_memory
 
     return choose_for_budget(n, DIM, parse_memory(budget), "ivfpq-ondisk").to_json()
 

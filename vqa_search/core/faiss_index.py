@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from vqa_search.core.errors import UserError
+from vqa_search.core.memory import format_memory
 
 INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq", "ivfpq-ondisk")
 FLAT_MAX_VECTORS = 50_000
@@ -117,20 +118,6 @@ PQ_BYTE_CHOICES = (64, 48, 32, 24, 16, 12, 8, 4)  # largest first, kept when dim
 # beyond 8 dimensions per byte a query's table lookups cost more than the refine step gains
 ONDISK_TRAINING_POINTS_PER_CENTROID = 64  # k-means of the coarse quantizer: FAISS warns below 39
 HNSW_QUANTIZER_MIN_NLIST = 4096  # from here the coarse quantizer is an HNSW graph (as autofaiss does)
-UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_memory(text: str) -> int:
-    """'4G', '512M', '1.5G' (powers of 1024), or bytes; a one-line UserError otherwise."""
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in UNITS else (cleaned, "")
-    try:
-        value = float(number) * UNITS[unit]
-    except ValueError:
-        raise UserError(f"--max-index-memory takes a size such as 4G or 512M (got {text!r})") from None
-    if value <= 0:
-        raise UserError(f"--max-index-memory must be more than 0 (got {text!r})")
-    return int(value)
 
 
 def ondisk_nlist(n_vectors: int) -> int:
@@ -182,15 +169,8 @@ def choose_for_budget(n_vectors: int, dim: int, budget: int, requested: str = "a
     smallest = min((m for m in PQ_BYTE_CHOICES if dim % m == 0), default=dim)
     memory = ondisk_memory(n_vectors, dim, nlist, smallest)
     need = max(memory["index"], 2 * memory["training"])
-    raise UserError(f"--max-index-memory {_size(budget)} is too small for {n_vectors:,} vectors of {dim} "
-                    f"dimensions: the smallest index needs {_size(need)}")
-
-
-def _size(n_bytes: int) -> str:
-    for unit in ("T", "G", "M", "K"):
-        if n_bytes >= UNITS[unit]:
-            return f"{n_bytes / UNITS[unit]:.3g}{unit}"
-    return f"{n_bytes}B"
+    raise UserError(f"--max-index-memory {format_memory(budget)} is too small for {n_vectors:,} vectors of {dim} "
+                    f"dimensions: the smallest index needs {format_memory(need)}")
 
 
 def ondisk_factory_key(spec: IndexSpec) -> str:
@@ -342,6 +322,40 @@ def training_rows(n_vectors: int, count: int, held_out: np.ndarray) -> np.ndarra
     rng = np.random.default_rng(TRAINING_SEED)
     rows = np.setdiff1d(rng.choice(n_vectors, size=min(n_vectors, count + len(held_out)), replace=False), held_out)
     return np.sort(rows[:count])
+
+
+def build_ondisk_measured(vectors: np.ndarray | Path, spec: IndexSpec, directory: Path,
+                          name: str) -> tuple[IndexSpec, dict[str, float]]:
+    """Train, fill and merge an on-disk IVF-PQ (`build_ondisk`), then measure its nprobe (`tune_nprobe`).
+
+    `vectors` is an array or an .npy file, read memory-mapped a block at a time. Returns the spec as built
+    (nprobe and the measured recall@10 filled in) and the seconds of each stage.
+    """
+    import time
+
+    started = time.perf_counter()
+    n = len(vectors) if isinstance(vectors, np.ndarray) else len(np.load(vectors, mmap_mode="r"))
+    rows = block_rows(vectors.shape[1] if isinstance(vectors, np.ndarray) else np.load(vectors, mmap_mode="r").shape[1],
+                      spec.budget_bytes)
+    if isinstance(vectors, np.ndarray):
+        blocks = [lambda start=start: vectors[start : start + rows] for start in range(0, n, rows)]
+        take = lambda chosen: np.asarray(vectors[chosen], dtype=np.float32)  # noqa: E731
+    else:
+        blocks = memory_mapped_blocks(vectors, rows)
+        take = lambda chosen: read_rows(vectors, chosen, rows)  # noqa: E731
+    held = held_out_rows(n)
+    trained = train_ondisk(take(training_rows(n, spec.nlist * ONDISK_TRAINING_POINTS_PER_CENTROID, held)), spec)
+    seconds = {"train": time.perf_counter() - started}
+    path = build_ondisk(blocks, spec, directory, name, trained=trained)
+    seconds["add_and_merge"] = time.perf_counter() - started - seconds["train"]
+    index = RefinedIndex(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR),
+                         vectors if isinstance(vectors, np.ndarray) else np.load(vectors, mmap_mode="r"),
+                         spec.refine or 1)
+    queries = take(held)
+    _, truth = exact_neighbours(queries, blocks, 11)
+    nprobe, recall = tune_nprobe(index, queries, held, truth)
+    seconds["tune_nprobe"] = time.perf_counter() - started - seconds["train"] - seconds["add_and_merge"]
+    return replace(spec, nprobe=nprobe, recall_at_10=round(recall, 4), recall_queries=len(held)), seconds
 
 
 def tune_nprobe(index, queries: np.ndarray, query_ids: np.ndarray, truth_ids: np.ndarray,
