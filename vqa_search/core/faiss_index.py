@@ -16,8 +16,11 @@ and its one-off training (8 s at 50,000, 61 s at 200,000) is small next to embed
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -173,15 +176,16 @@ def choose_for_budget(n_vectors: int, dim: int, budget: int, requested: str = "a
                     f"dimensions: the smallest index needs {format_memory(need)}")
 
 
-def ondisk_factory_key(spec: IndexSpec) -> str:
+def ondisk_factory_key(spec: IndexSpec, n_training: int) -> str:
     quantizer = "_HNSW32" if spec.nlist >= HNSW_QUANTIZER_MIN_NLIST else ""
-    return f"IVF{spec.nlist}{quantizer},PQ{spec.pq_bytes}np"  # np: no polysemous training (minutes, unused)
+    # np: no polysemous training (minutes, and unused); fewer bits when the sample cannot fill 256 centroids
+    return f"IVF{spec.nlist}{quantizer},PQ{spec.pq_bytes}x{_pq_bits(n_training)}np"
 
 
 def train_ondisk(sample: np.ndarray, spec: IndexSpec) -> faiss.Index:
     """An empty IVF-PQ, its coarse quantizer and PQ codebooks trained on `sample`."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
-    index = faiss.index_factory(sample.shape[1], ondisk_factory_key(spec), faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(sample.shape[1], ondisk_factory_key(spec, len(sample)), faiss.METRIC_INNER_PRODUCT)
     faiss.extract_index_ivf(index).cp.seed = TRAINING_SEED
     index.train(sample)
     return index
@@ -215,7 +219,8 @@ def build_ondisk(blocks: Sequence[Callable[[], np.ndarray]], spec: IndexSpec, di
             faiss.write_index(part, block_files[-1])
             del part
         merged = faiss.deserialize_index(empty)
-        merge_ondisk(merged, block_files, str(directory / f"{name}.ivfdata"))
+        with _faiss_prints_hidden():
+            merge_ondisk(merged, block_files, str(directory / f"{name}.ivfdata"))
         faiss.extract_index_ivf(merged).nprobe = spec.nprobe
         path = directory / f"{name}.faiss"
         faiss.write_index(merged, str(path))
@@ -314,8 +319,8 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
 
 def held_out_rows(n_vectors: int, count: int = RECALL_QUERIES) -> np.ndarray:
     """The indexed vectors the recall is measured on (sorted, seeded); `training_rows` leaves them out."""
-    return np.sort(np.random.default_rng(TRAINING_SEED + 1).choice(n_vectors, size=min(count, n_vectors),
-                                                                   replace=False))
+    count = min(count, max(1, n_vectors // 5))  # a small index keeps most of its vectors for training
+    return np.sort(np.random.default_rng(TRAINING_SEED + 1).choice(n_vectors, size=count, replace=False))
 
 
 def training_rows(n_vectors: int, count: int, held_out: np.ndarray) -> np.ndarray:
@@ -348,7 +353,9 @@ def build_ondisk_measured(vectors: np.ndarray | Path, spec: IndexSpec, directory
     seconds = {"train": time.perf_counter() - started}
     path = build_ondisk(blocks, spec, directory, name, trained=trained)
     seconds["add_and_merge"] = time.perf_counter() - started - seconds["train"]
-    index = RefinedIndex(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR),
+    with _faiss_prints_hidden():
+        ondisk = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    index = RefinedIndex(ondisk,
                          vectors if isinstance(vectors, np.ndarray) else np.load(vectors, mmap_mode="r"),
                          spec.refine or 1)
     queries = take(held)
@@ -404,9 +411,25 @@ def read_faiss(path: Path, use_gpu: bool = True, spec: IndexSpec | None = None,
 
 
 def open_ondisk(path: Path, vectors: Path, spec: IndexSpec) -> RefinedIndex:
-    index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    with _faiss_prints_hidden():
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
     set_nprobe(index, spec.nprobe)
     return RefinedIndex(index, np.load(vectors, mmap_mode="r"), spec.refine or 1)
+
+
+@contextmanager
+def _faiss_prints_hidden():
+    """FAISS's on-disk lists printf to stdout ("resizing ...", "updating ondisk filename ..."), which would
+    land in the middle of `--json` output: file descriptor 1 points at /dev/null meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _gpu_count() -> int:

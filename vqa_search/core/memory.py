@@ -10,10 +10,10 @@ UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 def parse_memory(text: str, option: str = "--max-index-memory") -> int:
     """'4G', '512M', '1.5GiB' (powers of 1024), or bytes; a one-line UserError otherwise."""
     cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in UNITS else (cleaned, "")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:].isalpha() else (cleaned, "")
     try:
         value = float(number) * UNITS[unit]
-    except ValueError:
+    except (ValueError, KeyError):
         raise UserError(f"{option} takes a size such as 4G or 512M (got {text!r})") from None
     if not value >= 1:
         raise UserError(f"{option} must be at least 1 byte (got {text!r})")
