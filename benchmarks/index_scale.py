@@ -253,6 +253,7 @@ def main() -> None:
                         "to build when that is the index budget itself)")
     parser.add_argument("--json", type=Path, help="results file; rows of other sizes in it are kept")
     parser.add_argument("--stats", type=Path, help="only print the statistics of this .npy file")
+    parser.add_argument("--table", action="store_true", help="only print the README table of --json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -263,6 +264,9 @@ def main() -> None:
         return
     if args.stats:
         print(json.dumps(stats(args.stats), indent=2))
+        return
+    if args.table:
+        print(table(json.loads(args.json.read_text())))
         return
     results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {"rows": []}
     results.update({"dim": DIM, "k": K, "queries": QUERIES, "budget": args.budget, "cores": os.cpu_count(),
@@ -295,6 +299,32 @@ def main() -> None:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def table(results: dict) -> str:
+    """The README's table: one line per size and tool."""
+    lines = ["| vectors | tool | index | build | peak RSS (build) | on disk | recall@10 | query p50 | RSS (queries) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        for tool in ("vqa-search", "autofaiss-same", "autofaiss-own"):
+            got = row.get(tool)
+            if not got:
+                continue
+            if "error" in got:
+                lines.append(f"| {row['n']:,} | {tool} | failed: {got['error']} | | | | | | |")
+                continue
+            params = got["params"]
+            index = (f"IVF{params['nlist']},PQ{params['pq_bytes']} on disk, nprobe {params['nprobe']}, "
+                     f"top 100 re-scored" if tool == "vqa-search" else f"{params['index_key']} ({params.get('index_param')})")
+            lines.append(f"| {row['n']:,} | {tool} | {index} | {got['build_seconds']:.0f} s | "
+                         f"{_bytes(got['peak_rss_bytes'])} | {_bytes(got['index_bytes'])} | "
+                         f"{got.get('recall_at_10', float('nan')):.3f} | {got.get('p50_ms', float('nan')):.2f} ms | "
+                         f"{_bytes(got.get('search_peak_rss_bytes', 0))} |")
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _vqa_params(n: int, budget: str) -> dict:
