@@ -264,6 +264,8 @@ class _Builder:
             "captions.parquet": captions_table,
             "image_embeddings.npy": image_vectors,
         }
+        for stale in self.index_dir.path.glob(".faiss-*"):  # left by a writer killed while building (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         work = self.index_dir.path / f".faiss-{os.getpid()}"  # on-disk indexes, moved into the generation
         try:
             index_specs = {"images": self._faiss_files("images", image_vectors, files, work), "captions": None}
