@@ -134,7 +134,7 @@ def test_budget_chooser_against_a_naive_reference(n, budget):
 def test_budget_chooser_hand_cases():
     # 10M x 512: codes of 64 bytes + 8 of id = 720 MB, under 4G; 100M at 4G leaves 32 bytes a code
     assert fi.choose_for_budget(10_000_000, 512, 4 << 30).to_json() == {
-        "type": "ivfpq-ondisk", "nlist": 4096, "nprobe": 256, "pq_bytes": 64, "refine": 10, "budget_bytes": 4 << 30}
+        "type": "ivfpq-ondisk", "nlist": 4096, "nprobe": 256, "pq_bytes": 64, "refine": 30, "budget_bytes": 4 << 30}
     assert fi.choose_for_budget(100_000_000, 512, 4 << 30).pq_bytes == 32
     assert fi.choose_for_budget(1_000_000_000, 512, 16 << 30).pq_bytes == 8
     assert fi.choose_for_budget(20_000, 512, 4 << 30).type == "flat"  # fits and is fast: exact
@@ -201,7 +201,7 @@ def test_info_shows_the_choice_and_its_recall(tmp_path):
     result = CliRunner().invoke(app, ["info", str(folder)])
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if line.startswith("faiss images"))
-    assert "ivfpq-ondisk, nlist 1, PQ 8 bytes, nprobe 1, top k×10 re-scored exactly" in line
+    assert "ivfpq-ondisk, nlist 1, PQ 8 bytes, nprobe 1, top k×30 re-scored exactly" in line
     assert "chosen for --max-index-memory 64M" in line and "measured on 12 held-out vectors" in line
     data = json.loads(CliRunner().invoke(app, ["info", str(folder), "--json"]).stdout)
     assert data["index_params"]["images"]["budget_bytes"] == 64 << 20

@@ -112,7 +112,7 @@ def build_faiss(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
 
 # ---- IVF-PQ with on-disk inverted lists, chosen for a memory budget ------------------------------------
 
-REFINE_FACTOR = 10  # k·10 PQ candidates re-scored with the exact vectors: PQ alone ranks the top 10 loosely
+REFINE_FACTOR = 30  # k·30 PQ candidates re-scored exactly: at 1M, nprobe 32, recall@10 0.858 with k·10, 0.946 with k·30
 RECALL_TARGET = 0.95  # tune_nprobe: the smallest nprobe whose measured recall@10 reaches this
 RECALL_QUERIES = 200  # held-out indexed vectors the recall is measured on
 BLOCK_ROWS = 1_000_000  # vectors added per block: 2 GB of float32 at 512-d, read from the memory map
