@@ -165,7 +165,11 @@ def index(
     batch_size: int = typer.Option(64, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search up to 50,000 vectors)."),
+    index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq | ivfpq-ondisk (auto: exact search up to "
+                                   "50,000 vectors, IVF-PQ with on-disk lists above 2,000,000)."),
+    max_index_memory: Optional[str] = typer.Option(
+        None, help="Memory budget of the index, e.g. 4G: chooses its type, nlist, PQ bytes and (measured) nprobe; "
+                   "`info` shows the choice and its recall."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     runner_name: str = typer.Option("local", "--runner", help=RUNNER_HELP),
@@ -180,6 +184,7 @@ def index(
       vqa-search index ./flickr8k
       vqa-search index ~/Pictures --out ~/pictures-index --batch-size 32
       vqa-search index ./laion-shards --runner ray --ray-address auto --gpus-per-actor 1
+      vqa-search index ~/archive --max-index-memory 4G   # IVF-PQ on disk when the vectors do not fit
     """
     from vqa_search.indexer.build import BuildConfig, build_index
 
@@ -187,7 +192,7 @@ def index(
     config = BuildConfig(
         model=model, pretrained=pretrained, out=out, captions=captions, images=images, batch_size=batch_size,
         workers=workers, index_type=index_type, progress=not quiet,
-        reembed=reembed,
+        reembed=reembed, max_index_memory=max_index_memory,
         runner=choose_runner(runner_name, ray_address, actors, gpus_per_actor),
     )
     report = build_index(dataset, config)

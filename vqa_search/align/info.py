@@ -70,6 +70,7 @@ class IndexInfo:
     skipped: list[dict] = field(default_factory=list)
     region_sets: list[RegionSetInfo] = field(default_factory=list)
     reranker: RerankerInfo | None = None
+    index_params: dict = field(default_factory=dict)  # per kind, the manifest's FAISS spec; max_memory: the budget
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -94,6 +95,8 @@ class IndexInfo:
             ("generation", f"{self.generation}" + (f", committed {self.created}" if self.created else "")
                            + f" (on disk: {', '.join(map(str, self.generations_on_disk)) or 'none'})"),
         ]
+        rows += [("faiss " + kind, _spec_text(self.index_params[kind], self.index_params.get("max_memory")))
+                 for kind in ("images", "captions") if _chosen(self.index_params.get(kind))]
         if self.pending:
             rows.append(("pending", f"{_count(self.pending['shards'], 'shard')} ({_size(self.pending['bytes'])}) "
                                     "of an interrupted run: `vqa-search index` resumes from them"))
@@ -143,7 +146,31 @@ def index_info(path: Path | str | None = None) -> IndexInfo:
         region_sets=[_region_set(folder) for folder in sorted((index_dir.path / REGIONS_DIR).glob("*"))
                      if folder.is_dir()],
         reranker=_reranker(index_dir.path / RERANKER_FILE, manifest["model"]),
+        index_params={kind: value for kind, value in index.items() if kind != "requested"},
     )
+
+
+def _chosen(spec: dict | None) -> bool:
+    """Whether a FAISS spec has more to say than its type (an IVF's lists, a budget, a measured recall)."""
+    return bool(spec) and spec.get("type") != "flat" or bool(spec and spec.get("budget_bytes"))
+
+
+def _spec_text(spec: dict, budget: str | None) -> str:
+    parts = [spec["type"]]
+    if spec.get("nlist"):
+        parts.append(f"nlist {spec['nlist']:,}")
+    if spec.get("pq_bytes"):
+        parts.append(f"PQ {spec['pq_bytes']} bytes")
+    if spec.get("nprobe"):
+        parts.append(f"nprobe {spec['nprobe']}")
+    if spec.get("refine"):
+        parts.append(f"top k×{spec['refine']} re-scored exactly")
+    text = ", ".join(parts)
+    if budget:
+        text += f"; chosen for --max-index-memory {budget}"
+    if spec.get("recall_at_10") is not None:
+        text += f"; recall@10 {spec['recall_at_10']:.3f} measured on {spec['recall_queries']} held-out vectors"
+    return text
 
 
 def _generations(root: Path) -> list[int]:

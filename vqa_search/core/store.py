@@ -425,7 +425,12 @@ def shard_file(stem: str, array: str = "") -> str:
 
 def _write_file(path: Path, content: object) -> None:
     """Every write goes through Python's file object, whose errors carry the errno `writing` needs:
-    np.save's short write has none, and faiss's own writer ignores a failed close."""
+    np.save's short write has none, and faiss's own writer ignores a failed close. A Path is a file
+    already written elsewhere in the index directory (an on-disk FAISS index and its .ivfdata): it is
+    moved into place."""
+    if isinstance(content, Path):
+        os.replace(content, path)
+        return
     with atomic_path(path) as temp:
         if isinstance(content, np.ndarray):
             content = np.ascontiguousarray(content)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from vqa_search import __version__
 from vqa_search.core.errors import UserError
 from vqa_search.core.files import os_error_reason
+from vqa_search.core.memory import parse_memory
 from vqa_search.indexer.datasets import IMAGE_EXTENSIONS, Dataset, read_dataset
 from vqa_search.core.threads import default_workers
 from vqa_search.core.ray_runner import RayRunner
@@ -75,6 +77,7 @@ class BuildConfig:
     batch_size: int = 64
     workers: int = field(default_factory=default_workers)
     index_type: str = "auto"
+    max_index_memory: str | None = None  # e.g. "4G": index parameters chosen for this budget (faiss_index.choose_for_budget)
     rows_per_shard: int = 1024
     progress: bool = True
     reembed: bool = False  # allow other weights than the index's: every image and caption is embedded again
@@ -129,6 +132,11 @@ def build_index(dataset: Path | str, config: BuildConfig = BuildConfig()) -> Bui
         raise UserError(f"no images in {data.images_dir} (looked for {extensions}, in subfolders too)")
     if config.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if config.max_index_memory is not None:
+        parse_memory(config.max_index_memory)  # a typo is said now, not after the embedding
+        if config.index_type not in ("auto", "ivfpq-ondisk"):
+            raise UserError("--max-index-memory chooses the index type: leave --index-type auto or give "
+                            f"ivfpq-ondisk (got {config.index_type!r})")
     _warn_missing(data)
     index_dir = IndexDir(config.out or Path(dataset) / DEFAULT_DIR_NAME)
     committed = _committed_identity(index_dir)
@@ -250,32 +258,54 @@ class _Builder:
             report.up_to_date = True
             return report
 
-        from vqa_search.core.faiss_index import build_faiss, choose_spec
-
         images_table = pa.Table.from_pydict(
             {name: images_columns[name] for name in IMAGES_SCHEMA.names}, schema=IMAGES_SCHEMA,
         ).append_column("split", pa.array(images_columns["split"], pa.string()))
         captions_table = pa.Table.from_pydict(captions_columns, schema=CAPTIONS_SCHEMA)
 
         image_vectors = np.stack([r.embedding for r in indexed]).astype(np.float32)
-        image_spec = choose_spec(len(indexed), self.config.index_type)
         files = {
             "images.parquet": images_table,
             "captions.parquet": captions_table,
             "image_embeddings.npy": image_vectors,
-            "images.faiss": build_faiss(image_vectors, image_spec),
         }
-        index_specs = {"images": image_spec.to_json(), "captions": None}
-        if len(captions):
-            caption_spec = choose_spec(len(captions), self.config.index_type)
-            files["caption_embeddings.npy"] = caption_vectors
-            files["captions.faiss"] = build_faiss(caption_vectors, caption_spec)
-            index_specs["captions"] = caption_spec.to_json()
-        else:
-            files["caption_embeddings.npy"] = np.zeros((0, image_vectors.shape[1]), np.float32)
-        self.index_dir.commit(files, self._manifest(image_vectors.shape[1], len(indexed), len(captions),
-                                                    index_specs, skipped))
+        for stale in self.index_dir.path.glob(".faiss-*"):  # left by a writer killed while building (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        work = self.index_dir.path / f".faiss-{os.getpid()}"  # on-disk indexes, moved into the generation
+        try:
+            index_specs = {"images": self._faiss_files("images", image_vectors, files, work), "captions": None}
+            if len(captions):
+                files["caption_embeddings.npy"] = caption_vectors
+                index_specs["captions"] = self._faiss_files("captions", caption_vectors, files, work)
+            else:
+                files["caption_embeddings.npy"] = np.zeros((0, image_vectors.shape[1]), np.float32)
+            self.index_dir.commit(files, self._manifest(image_vectors.shape[1], len(indexed), len(captions),
+                                                        index_specs, skipped))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return report
+
+    def _faiss_files(self, target: str, vectors: np.ndarray, files: dict, work: Path) -> dict:
+        """`target.faiss` (and for an on-disk IVF-PQ its `target.ivfdata`, built in `work`) into `files`;
+        what the manifest records about it."""
+        from vqa_search.core.faiss_index import build_faiss, build_ondisk_measured, choose_for_budget, choose_spec
+
+        if self.config.max_index_memory is not None:
+            spec = choose_for_budget(len(vectors), vectors.shape[1], parse_memory(self.config.max_index_memory),
+                                     self.config.index_type)
+        else:
+            spec = choose_spec(len(vectors), self.config.index_type, vectors.shape[1])
+        if spec.type != "ivfpq-ondisk":
+            files[f"{target}.faiss"] = build_faiss(vectors, spec)
+            return spec.to_json()
+        with self.index_dir.writing(f"the {target} index in {work}", self.index_dir.kept_for_resume):
+            work.mkdir(parents=True, exist_ok=True)
+            spec, _ = build_ondisk_measured(vectors, spec, work, target)
+        log.info("%s: on-disk IVF-PQ, nlist %d, PQ %d bytes, nprobe %d: recall@10 %.3f on %d held-out vectors",
+                 target, spec.nlist, spec.pq_bytes, spec.nprobe, spec.recall_at_10, spec.recall_queries)
+        files[f"{target}.faiss"] = work / f"{target}.faiss"
+        files[f"{target}.ivfdata"] = work / f"{target}.ivfdata"
+        return spec.to_json()
 
     def _image_records(self) -> tuple[list[ImageRecord], int]:
         """One record per file on disk, embedding reused where possible, else computed now."""
@@ -352,7 +382,8 @@ class _Builder:
         manifest = self.index_dir.read_manifest()
         if not self.identity.same_weights(ModelIdentity.from_json(manifest["model"])):
             return False
-        if manifest["index"]["requested"] != self.config.index_type or manifest["skipped"] != skipped:
+        if (manifest["index"]["requested"] != self.config.index_type or manifest["skipped"] != skipped
+                or manifest["index"].get("max_memory") != self.config.max_index_memory):
             return False
         gen = self.index_dir.generation(manifest["generation"])
         return (read_parquet(gen / "images.parquet").to_pydict() == images
@@ -371,7 +402,8 @@ class _Builder:
                 "caption_file": _relative(self.data.caption_source, root) if self.data.caption_source else None,
             },
             "counts": {"images": n_images, "captions": n_captions, "skipped": len(skipped)},
-            "index": {"requested": self.config.index_type, **index_specs},
+            "index": {"requested": self.config.index_type, **index_specs,
+                      **({"max_memory": self.config.max_index_memory} if self.config.max_index_memory else {})},
             "skipped": skipped,
         }
 

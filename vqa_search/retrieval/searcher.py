@@ -163,9 +163,11 @@ class Index:
             if not path.is_file():
                 self._check_generation_kept()
                 raise UserError(f"the index at {self.dir.path} has no {target[:-1]} vectors (no captions were indexed)")
-            from vqa_search.core.faiss_index import read_faiss
+            from vqa_search.core.faiss_index import IndexSpec, read_faiss
 
-            self._faiss[target] = read_faiss(path)
+            spec = (self.manifest.get("index") or {}).get(target)
+            vectors = self.generation / ("image_embeddings.npy" if target == "images" else "caption_embeddings.npy")
+            self._faiss[target] = read_faiss(path, spec=IndexSpec.from_json(spec) if spec else None, vectors=vectors)
         return self._faiss[target]
 
     def _check_generation_kept(self) -> None:
