@@ -214,3 +214,20 @@ def test_a_bad_budget_is_one_line_before_any_work(photos):
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
     assert "--max-index-memory takes a size such as 4G" in result.stderr and "Traceback" not in result.output
     assert not (photos / ".vqa-search" / "pending").exists()
+
+
+@pytest.mark.parametrize("nlist", [16, fi.HNSW_QUANTIZER_MIN_NLIST])
+def test_a_search_s_nprobe_is_its_own(tmp_path, nlist):
+    """A served index is shared: one request's nprobe must equal setting it, and must not stay."""
+    vectors = _clustered(nlist * 2 if nlist > 16 else 3000, seed=5)
+    spec = fi.IndexSpec("ivfpq-ondisk", nlist=nlist, nprobe=1, pq_bytes=8, refine=5)
+    trained = fi.train_ondisk(vectors, spec)
+    np.save(tmp_path / "vectors.npy", vectors)
+    path = fi.build_ondisk(fi.memory_mapped_blocks(tmp_path / "vectors.npy", rows=len(vectors)), spec, tmp_path,
+                           "images", trained=trained)
+    index = fi.RefinedIndex(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR), vectors, 5)
+    queries = _clustered(20, seed=6)
+    once = fi.search(index, queries, 10, nprobe=8)
+    assert index.nprobe == 1
+    index.nprobe = 8
+    np.testing.assert_array_equal(fi.search(index, queries, 10)[1], once[1])

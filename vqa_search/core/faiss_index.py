@@ -273,8 +273,8 @@ class RefinedIndex:
     def nprobe(self, value: int) -> None:
         set_nprobe(self.index, value)
 
-    def search(self, queries: np.ndarray, k: int):
-        _, candidates = self.index.search(queries, k * self.refine)
+    def search(self, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None):
+        _, candidates = self.index.search(queries, k * self.refine, params=params)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
         for row, (query, found) in enumerate(zip(queries, candidates)):
@@ -399,8 +399,18 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int | None =
     k = min(k, index.ntotal)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if nprobe is not None and hasattr(index, "nprobe"):
-        return index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        return index.search(queries, k, params=_nprobe_parameters(index, nprobe))
     return index.search(queries, k)
+
+
+def _nprobe_parameters(index, nprobe: int) -> faiss.SearchParametersIVF:
+    """What `set_nprobe` sets, as one search's parameters."""
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(getattr(index, "index", index)).quantizer)
+    if hasattr(quantizer, "hnsw"):
+        params.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe))
+        params.referenced_objects = [params.quantizer_params]  # the C++ side holds a bare pointer
+    return params
 
 
 def read_faiss(path: Path, use_gpu: bool = True, spec: IndexSpec | None = None,
