@@ -15,7 +15,7 @@ import pytest
 from conftest import COLOURS, tiny_config, write_captions, write_photo
 from vqa_search import Index
 
-HEAVY = ("torch", "open_clip", "faiss")
+HEAVY = ("torch", "open_clip", "faiss", "onnxruntime", "onnx")
 
 # Runs `vqa-search ARGS...` as the console script does, then reports its exit code and heavy imports.
 PROBE = f"""

@@ -160,6 +160,13 @@ def index(
     workers: Optional[int] = typer.Option(None, help=WORKERS_HELP),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
     index_type: str = typer.Option("auto", help="auto | flat | ivf | ivfpq (auto: exact search up to 50,000 vectors)."),
+    backend: Optional[str] = typer.Option(
+        None, help="auto | torch | onnx: what runs the model (onnx: ONNX Runtime on a cached export of the same "
+                   "weights). Default: what the index's last run asked for, else auto."),
+    precision: Optional[str] = typer.Option(
+        None, help="auto | fp32 | fp16 | bf16 | int8 (fp16: CUDA only; int8: CPU only). auto: int8 images and "
+                   "fp32 text with onnx on the CPU, fp16 on CUDA (README: Backends and precisions). Queries use "
+                   "the index's choice."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -169,6 +176,7 @@ def index(
     Examples:
       vqa-search index ./flickr8k
       vqa-search index ~/Pictures --out ~/pictures-index --batch-size 32
+      vqa-search index ./flickr8k --backend torch --precision fp32   # the PyTorch reference
     """
     from vqa_search.indexer.build import BuildConfig, build_index
 
@@ -176,7 +184,7 @@ def index(
     config = BuildConfig(
         model=model, pretrained=pretrained, out=out, captions=captions, images=images, batch_size=batch_size,
         workers=workers, index_type=index_type, progress=not quiet,
-        reembed=reembed,
+        reembed=reembed, backend=backend, precision=precision,
     )
     report = build_index(dataset, config)
     if as_json:

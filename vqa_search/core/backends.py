@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,12 +108,14 @@ def _autocast(device: torch.device, precision: str):
 def _quantized(model: torch.nn.Module, tower: str) -> torch.nn.Module:
     """A copy with the tower's Linear layers in dynamic int8 (weights int8, activations quantised per
     batch); attention's in-projection is a plain parameter and its out_proj is left in fp32 by PyTorch."""
-    from torch.ao.quantization import quantize_dynamic
-
     target = copy.copy(model)  # shallow: the other tower is shared, not copied
     target._modules = dict(model._modules)
     name = "visual" if tower == "image" else "transformer"
-    quantized = quantize_dynamic(copy.deepcopy(model._modules[name]).cpu(), {torch.nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao.quantization says it moves to torchao; it still works in 2.14
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        quantized = quantize_dynamic(copy.deepcopy(model._modules[name]).cpu(), {torch.nn.Linear}, dtype=torch.qint8)
     for module in quantized.modules():  # open_clip reads the blocks' float type from c_fc, as it does for
         if module is not None and hasattr(module, "_packed_params"):  # bitsandbytes' int8 layers
             module.int8_original_dtype = torch.float32
@@ -194,7 +197,7 @@ def _export(clip: Clip, tower: str, path: Path) -> None:
         else:
             dynamic = {"tokens": {0: batch}}
         graph, name = _TextGraph(model), "tokens"
-    torch.onnx.export(graph, (example,), str(path), input_names=[name], output_names=["features"],
+    torch.onnx.export(graph.eval(), (example,), str(path), input_names=[name], output_names=["features"],
                       dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, verbose=False)
 
 

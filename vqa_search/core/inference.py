@@ -131,8 +131,9 @@ def choose_plan(backend: str = "auto", precision: str = "auto", device: str = "c
 
 
 def plan_for_queries(recorded: Plan | None, device: str) -> Plan:
-    """The index's plan where it runs here; else what its request means on this device (an index
-    embedded on a GPU in fp16, queried on a laptop), else auto. Within the measured bounds either way."""
+    """The index's plan where it runs here; else what its request means on this device, else its
+    precision with any backend, else auto (an index embedded on a GPU in fp16, queried on a laptop;
+    onnxruntime uninstalled). Within the measured bounds either way."""
     if recorded is None:
         return REFERENCE  # an index from before backends existed: what it was embedded with
     try:
@@ -141,7 +142,9 @@ def plan_for_queries(recorded: Plan | None, device: str) -> Plan:
         return recorded
     except UserError:
         pass
-    try:
-        return choose_plan(*recorded.requested, device)
-    except UserError:
-        return choose_plan("auto", "auto", device)
+    for backend, precision in (recorded.requested, ("auto", recorded.requested[1])):
+        try:
+            return choose_plan(backend, precision, device)
+        except UserError:
+            pass
+    return choose_plan("auto", "auto", device)
