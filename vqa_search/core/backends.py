@@ -22,7 +22,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vqa_search.core.atomic import atomic_directory, write_json

@@ -6,13 +6,12 @@ records the plan in its manifest and queries run the recorded text (or image) to
 embedded the way the index's captions were. `core/backends.py` runs a plan.
 
 `auto` is what benchmarks/precision.py measured as both faster than fp32 PyTorch and faithful
-(cosine with fp32 >= 0.999 for every embedding, shapes-world R@1 within 0.5 of fp32; README table):
+(cosine with fp32 >= 0.999 for every embedding, shapes-world R@1 within 0.5 of fp32; numbers in
+benchmarks/results/precision.json and the README):
 
-- CPU with onnxruntime: images ONNX Runtime int8 (dynamic quantisation of the exported graph),
-  2.0x the fp32 PyTorch image rate, cosine >= 0.9990; captions and text queries ONNX Runtime fp32,
-  1.9x faster per query, cosine >= 0.99999.
-- CPU without onnxruntime: images PyTorch int8 (dynamic quantisation of the Linear layers, 1.4x);
-  text fp32 (bf16 autocast was slower for a query on the measured CPU, which has no AMX).
+- CPU with onnxruntime: images ONNX Runtime int8 (dynamic quantisation of the exported graph);
+  captions and text queries ONNX Runtime fp32.
+- CPU without onnxruntime: images PyTorch int8 (dynamic quantisation of the Linear layers), text fp32.
 - CUDA: fp16 autocast for both towers (not measured here: no GPU; the tensor cores' usual choice).
 
 A plan changes vectors only within those bounds, and the weights stay the same, so it is no part
@@ -85,9 +84,12 @@ _AUTO_CPU_TORCH = {"auto": (TowerRun("torch", "int8"), TowerRun("torch", "fp32")
 _AUTO_CUDA = {"auto": (TowerRun("torch", "fp16"), TowerRun("torch", "fp16"))}
 
 
+ONNX_PACKAGES = ("onnxruntime", "onnx", "onnxscript")  # runs the graphs; torch's exporter needs the other two
+
+
 def onnx_available() -> bool:
-    """onnxruntime is installed (found without importing it: the command line must stay light)."""
-    return importlib.util.find_spec("onnxruntime") is not None
+    """The ONNX packages are installed (found without importing them: the command line must stay light)."""
+    return all(importlib.util.find_spec(package) is not None for package in ONNX_PACKAGES)
 
 
 def check_names(backend: str, precision: str) -> None:
@@ -110,7 +112,8 @@ def choose_plan(backend: str = "auto", precision: str = "auto", device: str = "c
         raise UserError("--precision int8 runs on the CPU only; on a CUDA GPU use fp16")
     if backend == "onnx":
         if not has_onnx:
-            raise UserError("--backend onnx needs onnxruntime, which is not installed: pip install onnxruntime")
+            raise UserError("--backend onnx needs onnxruntime, onnx and onnxscript, which are not all installed: "
+                            f"pip install {' '.join(ONNX_PACKAGES)}")
         if device == "cuda":
             raise UserError("--backend onnx runs on the CPU; on a CUDA GPU use --backend torch (fp16)")
         if precision in ("fp16", "bf16"):
