@@ -39,7 +39,7 @@ from vqa_search.retrieval.recall import embed_gallery, gallery_ranks
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "flickr8k-sample"
 CONFIGS = [("torch", "fp32"), ("torch", "bf16"), ("torch", "int8"), ("onnx", "fp32"), ("onnx", "int8")]
-SHAPES_STAGE1 = dict(epochs=20, batch_size=128, lr=1e-3, weight_decay=0.1, patience=5)
+SHAPES_STAGE1 = dict(epochs=12, batch_size=128, lr=1e-3, weight_decay=0.1, patience=4)
 
 
 def plan(backend: str, precision: str) -> Plan:
@@ -154,8 +154,8 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--round-images", type=int, default=96)
-    parser.add_argument("--queries", type=int, default=40)
+    parser.add_argument("--round-images", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=25)
     parser.add_argument("--shapes-images", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -158,7 +158,7 @@ def test_manifest_records_the_plan_and_queries_use_it(photos, one_torch_thread):
     query = encode_texts(index.clip, ["a picture"])
     np.testing.assert_array_equal(index._query_vector("a picture", None)[0], query)
     reference = encode_texts(load_clip(index.identity, torch.device("cpu")), ["a picture"])
-    assert float(query @ reference.T) >= TINY_INT8_COSINE  # an int8 index answers fp32 text too
+    assert float(query[0] @ reference[0]) >= TINY_INT8_COSINE  # an int8 index answers fp32 text too
 
     photos.joinpath("Images", "photo_0.png").unlink()  # an update without flags keeps the index's plan
     assert Index.build(photos, **tiny_config()).manifest["inference"]["image"]["precision"] == "int8"
