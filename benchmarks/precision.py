@@ -61,8 +61,12 @@ def top10_overlap(text: np.ndarray, images: np.ndarray, reference_text: np.ndarr
     return round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ours, theirs)])), 4)
 
 
-def flickr(sample: Path, model: str, batch_size: int, rounds: int, round_images: int, queries: int) -> dict:
+def flickr(sample: Path, model: str, batch_size: int, rounds: int, round_images: int, queries: int,
+           limit: int | None = None) -> dict:
     data = read_dataset(sample)
+    if limit:
+        data.images = data.images[:limit]
+        data.captions = [c for c in data.captions if c.image in set(data.images)]
     reference = load_clip(resolve_identity(model, "none"), torch.device("cpu"))
     pixels = torch.stack([reference.preprocess(Image.open(data.images_dir / path).convert("RGB")) for path in data.images])
     captions = list(dict.fromkeys(c.text for c in data.captions))
@@ -156,8 +160,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-images", type=int, default=64)
     parser.add_argument("--queries", type=int, default=25)
-    parser.add_argument("--shapes-images", type=int, default=1500)
+    parser.add_argument("--shapes-images", type=int, default=1500, help="0: no shapes-world recall")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="Only the first N photos of the sample (a quick faithfulness check).")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     import onnxruntime
@@ -166,11 +171,12 @@ def main() -> None:
               "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
                           "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}}
     result["flickr8k_sample"] = flickr(args.sample, args.model, args.batch_size, args.rounds, args.round_images,
-                                       args.queries)
+                                       args.queries, args.limit)
     print(json.dumps(result["flickr8k_sample"], indent=1), flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        result["shapes"] = shapes(Path(work), args.shapes_images, args.seed)
-    print(json.dumps(result["shapes"], indent=1))
+    if args.shapes_images:
+        with tempfile.TemporaryDirectory() as work:
+            result["shapes"] = shapes(Path(work), args.shapes_images, args.seed)
+        print(json.dumps(result["shapes"], indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
