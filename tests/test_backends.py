@@ -115,7 +115,7 @@ def test_export_is_cached_and_made_again_for_other_weights(reference, tmp_path, 
 
 
 def test_auto_rule_per_device():
-    assert choose_plan(device="cpu", has_onnx=True).image == TowerRun("onnx", "int8")
+    assert choose_plan(device="cpu", has_onnx=True).image == TowerRun("onnx", "fp32")
     assert choose_plan(device="cpu", has_onnx=True).text == TowerRun("onnx", "fp32")
     assert choose_plan(device="cpu", has_onnx=False).image == TowerRun("torch", "int8")
     assert choose_plan(device="cuda", has_onnx=True) == Plan(TowerRun("torch", "fp16"), TowerRun("torch", "fp16"))

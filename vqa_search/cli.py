@@ -164,8 +164,8 @@ def index(
         None, help="auto | torch | onnx: what runs the model (onnx: ONNX Runtime on a cached export of the same "
                    "weights). Default: what the index's last run asked for, else auto."),
     precision: Optional[str] = typer.Option(
-        None, help="auto | fp32 | fp16 | bf16 | int8 (fp16: CUDA only; int8: CPU only). auto: int8 images and "
-                   "fp32 text with onnx on the CPU, fp16 on CUDA (README: Backends and precisions). Queries use "
+        None, help="auto | fp32 | fp16 | bf16 | int8 (fp16: CUDA only; int8: CPU only). auto: onnx fp32 on "
+                   "the CPU, fp16 on CUDA (README: Backends and precisions). Queries use "
                    "the index's choice."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
