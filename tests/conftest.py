@@ -6,6 +6,8 @@ import contextlib
 import csv
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,10 @@ import torch
 from PIL import Image
 
 from vqa_search.core.identity import TINY_MODEL
+
+# ONNX exports (core/backends.py) go to a cache of this test session, never the user's: set before any
+# test runs, so the commands tests start in subprocesses inherit it. Each weights' export is made once.
+os.environ["VQA_SEARCH_CACHE"] = tempfile.mkdtemp(prefix="vqa-search-test-cache-")
 
 # The 300-photo Flickr8k sample (Images/, captions.txt, Flickr8k.token.txt, split files): where the
 # environment variable says, else ../shared/flickr8k-sample beside the repository.
@@ -26,9 +32,10 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (30, 60, 220), (240, 220, 20), (150, 40
 
 
 def tiny_config(**overrides) -> dict:
-    """BuildConfig fields for fast, deterministic, offline test runs."""
+    """BuildConfig fields for fast, deterministic, offline test runs: the PyTorch fp32 reference, whose
+    vectors are exact (an image finds itself at 1.0); test_backends.py tests the other backends."""
     return {"model": TINY_MODEL, "pretrained": "none", "workers": 0, "progress": False, "batch_size": 4,
-            **overrides}
+            "backend": "torch", "precision": "fp32", **overrides}
 
 
 def write_photo(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (48, 40)) -> Path:
@@ -156,3 +163,7 @@ def serve_world(tmp_path_factory) -> Path:
         return make_serve_world(tmp_path_factory.mktemp("serve") / "shapes")
     finally:
         torch.set_num_threads(threads)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["VQA_SEARCH_CACHE"], ignore_errors=True)

@@ -86,7 +86,10 @@ def test_query_table_and_sheet(indexed, tmp_path):
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split()[:3] == ["rank", "score", "image"]
-    assert lines[1].split()[:3] == ["1", "1.000", "photo_2.png"]
+    rank, score, image = lines[1].split()[:3]
+    # an int8 plan quantises activations per batch, so an indexed image queried alone may score just
+    # under 1 (core/inference.py); fp32 gives 1.000 up to ONNX Runtime's rounding
+    assert (rank, image) == ("1", "photo_2.png") and float(score) >= 0.99
     assert sheet.stat().st_size > 0
 
 

@@ -15,13 +15,13 @@ import pytest
 from conftest import COLOURS, tiny_config, write_captions, write_photo
 from vqa_search import Index
 
-HEAVY = ("torch", "open_clip", "faiss")
+HEAVY = ("torch", "open_clip", "faiss", "onnxruntime", "onnx")
 # what an unchanged re-index must not pay for either: pyarrow.dataset (pq.read_table) and pandas
 # (arrow tables built from Python lists): a third of an unchanged re-index's CPU time
 NOT_FOR_AN_UNCHANGED_FOLDER = (*HEAVY, "torchvision", "pandas", "pyarrow.dataset")
 
 # Runs `vqa-search ARGS...` as the console script does, then reports its exit code and heavy imports.
-PROBE = f"""
+PROBE = """
 import json, sys
 from vqa_search.cli import main
 watched = json.loads(sys.argv[2])

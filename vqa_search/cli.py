@@ -170,6 +170,13 @@ def index(
     max_index_memory: Optional[str] = typer.Option(
         None, help="Memory budget of the index, e.g. 4G: chooses its type, nlist, PQ bytes and (measured) nprobe; "
                    "`info` shows the choice and its recall."),
+    backend: Optional[str] = typer.Option(
+        None, help="auto | torch | onnx: what runs the model (onnx: ONNX Runtime on a cached export of the same "
+                   "weights). Default: what the index's last run asked for, else auto."),
+    precision: Optional[str] = typer.Option(
+        None, help="auto | fp32 | fp16 | bf16 | int8 (fp16: CUDA only; int8: CPU only). auto: PyTorch fp32 on "
+                   "the CPU, fp16 on CUDA (README: Backends and precisions). Queries use "
+                   "the index's choice."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or warnings; the result line stays."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     runner_name: str = typer.Option("local", "--runner", help=RUNNER_HELP),
@@ -185,6 +192,7 @@ def index(
       vqa-search index ~/Pictures --out ~/pictures-index --batch-size 32
       vqa-search index ./laion-shards --runner ray --ray-address auto --gpus-per-actor 1
       vqa-search index ~/archive --max-index-memory 4G   # IVF-PQ on disk when the vectors do not fit
+      vqa-search index ./flickr8k --backend torch --precision fp32   # the PyTorch reference
     """
     from vqa_search.indexer.build import BuildConfig, build_index
 
@@ -192,7 +200,7 @@ def index(
     config = BuildConfig(
         model=model, pretrained=pretrained, out=out, captions=captions, images=images, batch_size=batch_size,
         workers=workers, index_type=index_type, progress=not quiet,
-        reembed=reembed, max_index_memory=max_index_memory,
+        reembed=reembed, max_index_memory=max_index_memory, backend=backend, precision=precision,
         runner=choose_runner(runner_name, ray_address, actors, gpus_per_actor),
     )
     report = build_index(dataset, config)

@@ -18,6 +18,7 @@ from pathlib import Path
 from vqa_search.align.constants import REGIONS_DIR, RERANKER_FILE
 from vqa_search.core.errors import UserError
 from vqa_search.core.identity import ModelIdentity
+from vqa_search.core.inference import Plan
 from vqa_search.core.store import IndexDir
 from vqa_search.retrieval.searcher import find_index
 
@@ -71,6 +72,7 @@ class IndexInfo:
     region_sets: list[RegionSetInfo] = field(default_factory=list)
     reranker: RerankerInfo | None = None
     index_params: dict = field(default_factory=dict)  # per kind, the manifest's FAISS spec; max_memory: the budget
+    inference: dict | None = None  # core/inference.py's Plan as recorded; None: made before backends were recorded
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -89,6 +91,7 @@ class IndexInfo:
         rows = [
             ("index", f"{self.path} (format {self.format_version}{version})"),
             ("model", ModelIdentity.from_json(self.model).describe()),
+            ("inference", Plan.from_json(self.inference).describe() if self.inference else "torch fp32 (not recorded)"),
             ("contents", f"{_count(self.images, 'image')}, {_count(self.captions, 'caption')}, "
                          f"{self.dim}-d vectors; FAISS: {types or 'none'}"),
             ("disk", f"{_size(self.bytes)} in all; the live generation {_size(self.live_bytes)}"),
@@ -147,6 +150,7 @@ def index_info(path: Path | str | None = None) -> IndexInfo:
                      if folder.is_dir()],
         reranker=_reranker(index_dir.path / RERANKER_FILE, manifest["model"]),
         index_params={kind: value for kind, value in index.items() if kind != "requested"},
+        inference=manifest.get("inference"),
     )
 
 

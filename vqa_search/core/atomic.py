@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,3 +85,30 @@ def write_json_lines(target: Path | str, records: Iterable[object]) -> None:
     with atomic_path(target) as temp, open(temp, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def atomic_directory(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success it is renamed to `target`, whole.
+
+    For files written by libraries that add companions beside them (an ONNX graph and its external
+    weights). If another process made `target` meanwhile, its copy is kept and ours is dropped.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield temp
+        os.chmod(temp, 0o777 & ~current_umask())
+        for written in temp.iterdir():
+            os.chmod(written, new_file_mode())
+            with open(written, "rb") as handle:
+                os.fsync(handle.fileno())
+        try:
+            os.rename(temp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)

@@ -106,9 +106,7 @@ def encode_texts(
         batch = tokens[index]
         if fast:
             batch = batch[:, : int(lengths[index].max())]
-        batch = batch.to(clip.device)
-        with autocast(clip.device):
-            features = encode_text_trimmed(clip.model, batch) if fast else clip.model.encode_text(batch)
+        features = clip.towers.text(batch)  # core/backends.py: the plan's backend and precision
         chunks.append(F.normalize(features.float(), dim=-1).cpu())
         if on_batch:
             on_batch(len(index))
@@ -120,9 +118,7 @@ def encode_texts(
 @torch.inference_mode()
 def encode_image_batch(clip: Clip, pixels: torch.Tensor) -> np.ndarray:
     """Preprocessed pixels (B, 3, H, W) -> (B, dim) float32, L2-normalised."""
-    pixels = pixels.to(clip.device, non_blocking=True)
-    with autocast(clip.device):
-        features = clip.model.encode_image(pixels)
+    features = clip.towers.image(pixels)  # core/backends.py: the plan's backend and precision
     return F.normalize(features.float(), dim=-1).cpu().numpy()
 
 

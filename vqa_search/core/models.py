@@ -14,7 +14,7 @@ import sys
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from pickle import UnpicklingError  # what torch raises when weights_only refuses a file
 from typing import Callable, Iterator
@@ -26,6 +26,7 @@ from safetensors.torch import load_file as load_safetensors
 
 from vqa_search.core.errors import UserError
 from vqa_search.core.identity import NO_WEIGHTS, TINY_MODEL, ModelIdentity
+from vqa_search.core.inference import REFERENCE, Plan, choose_plan
 
 RANDOM_INIT_SEED = 0
 
@@ -54,15 +55,30 @@ class Clip:
     tokenizer: Callable
     identity: ModelIdentity
     device: torch.device
+    plan: Plan = REFERENCE  # how core/encode.py runs the towers (core/inference.py)
+    _towers: object = field(default=None, repr=False)
+
+    @property
+    def towers(self):
+        """core/backends.Towers for the plan, built on first use (an ONNX tower exports or opens its graph then)."""
+        if self._towers is None:
+            from vqa_search.core.backends import Towers
+
+            self._towers = Towers(self, self.plan)
+        return self._towers
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_clip(identity: ModelIdentity, device: torch.device | None = None) -> Clip:
-    """Build the model and load its weights: open_clip tag, local checkpoint, or seeded random init."""
+def load_clip(identity: ModelIdentity, device: torch.device | None = None, plan: Plan | None = None) -> Clip:
+    """Build the model and load its weights: open_clip tag, local checkpoint, or seeded random init.
+
+    `plan` is how encode.py runs the towers (default: PyTorch, fp16 autocast on CUDA, fp32 on the CPU);
+    the model itself is always the PyTorch reference, which training uses."""
     device = device or default_device()
+    plan = plan or (choose_plan("torch", "auto", "cuda") if device.type == "cuda" else REFERENCE)
     if identity.sha256:
         with _without_random_init_warning(), without_weight_init():  # the weights come from the file, next line
             model, preprocess = _create(identity.model, pretrained=None)
@@ -75,7 +91,7 @@ def load_clip(identity: ModelIdentity, device: torch.device | None = None) -> Cl
         model, preprocess = _create_from_tag(identity.model, identity.pretrained)
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(identity.model)
-    return Clip(model=model, preprocess=preprocess, tokenizer=tokenizer, identity=identity, device=device)
+    return Clip(model=model, preprocess=preprocess, tokenizer=tokenizer, identity=identity, device=device, plan=plan)
 
 
 def _create(model_name: str, pretrained: str | None):

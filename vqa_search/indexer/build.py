@@ -42,6 +42,7 @@ from vqa_search.core.store import (
 )
 from vqa_search.core.identity import (DEFAULT_MODEL, DEFAULT_PRETRAINED, ModelIdentity, find_recorded_weights,
                                       resolve_identity)
+from vqa_search.core.inference import Plan, check_names, choose_plan, plan_for_queries
 
 # torch, open_clip and FAISS are imported when something is embedded or committed: an unchanged folder
 # is checked without them (the scan, the manifest and two parquet files), in well under a second.
@@ -52,11 +53,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("vqa_search")
 
 
-def load_clip(identity: ModelIdentity) -> Clip:
+def load_clip(identity: ModelIdentity, plan: Plan | None = None) -> Clip:
     """core.models.load_clip, imported on first use (tests replace this name to see it is never called)."""
     from vqa_search.core.models import load_clip as load
 
-    return load(identity)
+    return load(identity, plan=plan)
 
 
 def encode_image_batch(clip: Clip, pixels):
@@ -82,6 +83,9 @@ class BuildConfig:
     progress: bool = True
     reembed: bool = False  # allow other weights than the index's: every image and caption is embedded again
     runner: RayRunner | None = None  # where images are decoded and embedded (core/ray_runner.py); None: here
+    # core/inference.py: how the towers run. None: what the index's last run asked for, else auto
+    backend: str | None = None
+    precision: str | None = None
 
 
 @dataclass
@@ -97,6 +101,7 @@ class BuildReport:
     embedding_seconds: dict[str, float] = field(default_factory=dict)  # per kind, once the model is loaded
     model: str = ""  # the weights the index now holds, described
     reembedded_from: str | None = None  # the weights it held before, when --reembed replaced them
+    inference: str | None = None  # how this run's new vectors were embedded (core/inference.py); None: none were
 
     def to_json(self) -> dict:
         return {**asdict(self), "index_dir": str(self.index_dir)}
@@ -110,7 +115,7 @@ class BuildReport:
                 f"indexed {images} ({self.embedded_images:,} embedded now) and {captions} "
                 f"({self.embedded_captions:,} embedded now) into {self.index_dir}"
             )
-        lines = [f"{head} in {self.seconds:.1f} s"]
+        lines = [f"{head} in {self.seconds:.1f} s" + (f" ({self.inference})" if self.inference else "")]
         if self.reembedded_from:
             lines.append(f"re-embedded everything with {self.model}; the index had {self.reembedded_from}")
         if self.skipped:
@@ -137,6 +142,9 @@ def build_index(dataset: Path | str, config: BuildConfig = BuildConfig()) -> Bui
         if config.index_type not in ("auto", "ivfpq-ondisk"):
             raise UserError("--max-index-memory chooses the index type: leave --index-type auto or give "
                             f"ivfpq-ondisk (got {config.index_type!r})")
+    check_names(config.backend or "auto", config.precision or "auto")
+    if (config.backend or "auto") != "auto" or (config.precision or "auto") != "auto":
+        _check_plan_runs_here(config)  # said now, even when the folder turns out unchanged
     _warn_missing(data)
     index_dir = IndexDir(config.out or Path(dataset) / DEFAULT_DIR_NAME)
     committed = _committed_identity(index_dir)
@@ -146,10 +154,19 @@ def build_index(dataset: Path | str, config: BuildConfig = BuildConfig()) -> Bui
             raise UserError(f"another vqa-search run changed the index at {index_dir.path} meanwhile: run again")
         builder = _Builder(data, index_dir, identity, config)
         report = builder.run()
+    report.inference = builder.clip.plan.describe() if builder.loaded else None
     report.model = identity.describe()
     report.reembedded_from = replaced.describe() if replaced is not None else None
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_plan_runs_here(config: BuildConfig) -> None:
+    """A backend or precision this machine cannot run (fp16 without CUDA, onnx without onnxruntime) is a
+    UserError; asking costs a torch import, which only an explicit --backend/--precision pays."""
+    from vqa_search.core.models import default_device
+
+    choose_plan(config.backend or "auto", config.precision or "auto", default_device().type)
 
 
 def _committed_identity(index_dir: IndexDir) -> ModelIdentity | None:
@@ -220,11 +237,43 @@ class _Builder:
         self.embedding_seconds: dict[str, float] = {}  # after the model is loaded: decoding + forward
 
     @property
+    def loaded(self) -> bool:
+        return self._clip is not None
+
+    @property
     def clip(self) -> Clip:
         """Loaded only when something needs embedding: an unchanged folder never pays for it."""
         if self._clip is None:
-            self._clip = load_clip(self.identity)
+            from vqa_search.core.models import default_device
+
+            device, recorded = default_device().type, self._recorded_plan()
+            if recorded is not None and not (self.config.backend or self.config.precision):
+                plan = plan_for_queries(recorded, device)  # the index's own, where it runs here
+            else:
+                backend, precision = recorded.requested if recorded else ("auto", "auto")
+                plan = choose_plan(self.config.backend or backend, self.config.precision or precision, device)
+            self._clip = load_clip(self.identity, plan)
         return self._clip
+
+    def _recorded_plan(self) -> Plan | None:
+        """What the committed index was embedded with (None: made before backends were recorded)."""
+        if not self.index_dir.exists():
+            return None
+        recorded = self.index_dir.read_manifest().get("inference")
+        return Plan.from_json(recorded) if recorded else None
+
+    def _inference_record(self) -> dict | None:
+        """The manifest's record of how new vectors were embedded: this run's plan (and which ONNX export)
+        if it loaded the model, else the committed one's. Vectors reused from earlier runs keep theirs."""
+        if not self.loaded:
+            recorded = self._recorded_plan()
+            return self.index_dir.read_manifest().get("inference") if recorded else None
+        record = self._clip.plan.to_json()
+        if self._clip.plan.uses_onnx():
+            from vqa_search.core.backends import export_key
+
+            record["onnx_export"] = export_key(self._clip)
+        return record
 
     def run(self) -> BuildReport:
         records, embedded_images = self._image_records()
@@ -396,6 +445,7 @@ class _Builder:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "vqa_search_version": __version__,
             "model": self.identity.to_json(),
+            "inference": self._inference_record(),
             "dim": dim,
             "dataset": {
                 "images_dir": _relative(self.data.images_dir, root),

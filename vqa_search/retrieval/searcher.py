@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from vqa_search.core.errors import UserError
 from vqa_search.core.store import DEFAULT_DIR_NAME, FileState, IndexDir
 from vqa_search.core.identity import ModelIdentity, find_recorded_weights, resolve_identity
+from vqa_search.core.inference import Plan, plan_for_queries
 
 # The model (torch, open_clip) and FAISS are imported when first used: opening an index to read its
 # rows and vectors (export, info, recall's reuse check) needs neither.
@@ -89,6 +90,8 @@ class Index:
         self.dir = index_dir
         self.manifest = index_dir.read_manifest()
         self.identity = ModelIdentity.from_json(self.manifest["model"])
+        recorded = self.manifest.get("inference")
+        self.plan = Plan.from_json(recorded) if recorded else None  # None: made before backends were recorded
         self.generation = index_dir.generation(self.manifest["generation"])
         self.images_root = (index_dir.path / self.manifest["dataset"]["images_dir"]).resolve()
         images = pq.read_table(self.generation / "images.parquet").to_pydict()
@@ -143,9 +146,10 @@ class Index:
         if self._clip is None:
             find_recorded_weights(self.identity, f"the index at {self.dir.path}",
                                   if_changed=": run `vqa-search index --reembed` to embed it again with the new file")
-            from vqa_search.core.models import load_clip
+            from vqa_search.core.models import default_device, load_clip
 
-            self._clip = load_clip(self.identity)
+            # queries are embedded as the index's captions were, where that runs here (core/inference.py)
+            self._clip = load_clip(self.identity, plan=plan_for_queries(self.plan, default_device().type))
         return self._clip
 
     def embeddings(self, target: str = "images") -> np.ndarray:
