@@ -21,7 +21,7 @@ HEAVY = ("torch", "open_clip", "faiss", "onnxruntime", "onnx")
 NOT_FOR_AN_UNCHANGED_FOLDER = (*HEAVY, "torchvision", "pandas", "pyarrow.dataset")
 
 # Runs `vqa-search ARGS...` as the console script does, then reports its exit code and heavy imports.
-PROBE = """
+PROBE = f"""
 import json, sys
 from vqa_search.cli import main
 watched = json.loads(sys.argv[2])
